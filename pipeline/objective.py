@@ -1,0 +1,46 @@
+"""The training objective, exactly as the mission states it, plus classifier-free-guidance dropout."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.encoders import ContextBatch
+from pipeline.network import ModelSpec, denoise
+
+
+def loss_weight(scheduler, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+    """Per-sample weight on the MSE of the network's own target (epsilon or v).
+
+    Written in x0 terms: the epsilon-MSE is the x0-MSE times SNR, the v-MSE is the x0-MSE times (SNR + 1).
+    min_snr (Hang et al. 2023) wants x0-weight min(SNR, gamma); clamped_snr wants clamp(SNR, 1, gamma),
+    which keeps Min-SNR's cap on the easy low-noise steps but does not starve the high-noise steps.
+    """
+    if weighting == "none":
+        return torch.ones_like(t, dtype=torch.float32)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)
+    x0_weight = snr.clamp(max=gamma) if weighting == "min_snr" else snr.clamp(min=1.0, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return x0_weight / (snr + 1)
+    return x0_weight / snr
+
+
+def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: ContextBatch,
+                   generator: torch.Generator, weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
+    """One noise-prediction loss on a batch of clean images x0 in [-1, 1]."""
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = scheduler.add_noise(x0, noise, t)  # sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise
+    pred = denoise(unet, spec, x_t, t, ctx)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    mse = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    return (loss_weight(scheduler, t, weighting, gamma) * mse).mean()
+
+
+def cfg_dropout(caption_rows: torch.Tensor, p: float, null_row: int, generator: torch.Generator) -> torch.Tensor:
+    """Per sample, with probability p, swap the caption for the null (empty-prompt) embedding row.
+    Drawn afresh at every step from the training generator, so which samples drop changes each step."""
+    drop = torch.rand(caption_rows.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(caption_rows, null_row), caption_rows)

@@ -1,0 +1,146 @@
+"""Sampling through diffusers schedulers: txt2img and img2img, batched classifier-free guidance."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.encoders import ContextBatch, build_encoder
+from pipeline.errors import UserError
+from pipeline.model_dir import LoadedModel
+from pipeline.network import ModelSpec, denoise
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("dpmpp", "ddim", "ddpm")
+
+
+def make_sampler(name: str, train_scheduler_config: dict):
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    classes = {"dpmpp": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    if name not in classes:
+        raise UserError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    return classes[name].from_config(train_scheduler_config)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(kind: str, max_length: int, clip_path: str | None, categories: tuple[str, ...] | None):
+    return build_encoder(kind, max_length, Path(clip_path) if clip_path else None, list(categories or []))
+
+
+def encoder_for(spec: ModelSpec):
+    return _encoder(spec.encoder, spec.max_length, str(spec.clip_path) if spec.clip_path else None,
+                    tuple(spec.categories) if spec.categories else None)
+
+
+def encode_prompts(spec: ModelSpec, prompts: list[str]) -> ContextBatch:
+    """Context for prompts; an over-long prompt is truncated with a warning, an empty one is unconditional."""
+    enc = encoder_for(spec)
+    for i, p in enumerate(prompts):
+        if enc.overlong(p):
+            log.warning("prompt %d is longer than the encoder's %d tokens and was truncated: %.60s...",
+                        i, spec.max_length, p)
+    return enc.encode(list(prompts))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    from pipeline.dataset import to_square
+
+    arr = np.asarray(to_square(img, resolution), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def generate(model: LoadedModel, prompts: list[str], seeds: list[int], *, sampler: str = "dpmpp",
+             steps: int = 20, guidance: float = 4.0, negative_prompts: list[str] | None = None,
+             init_images: torch.Tensor | None = None, strength: float = 1.0, batch_size: int = 64,
+             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images (N, 3, R, R) uint8 for N prompts. Each image's noise comes from its own seed, so an image does
+    not depend on which batch it was generated in. init_images (N, 3, R, R) in [-1, 1] turn on img2img:
+    the init image is noised to `strength` (0 keeps it, 1 ignores it) and denoised from there."""
+    if len(seeds) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be between 0 and 1, got {strength}")
+    if not 1 <= steps <= 1000:
+        raise UserError(f"steps must be between 1 and 1000, got {steps}")
+    if not 0.0 <= guidance <= 50.0:
+        raise UserError(f"guidance must be between 0 and 50, got {guidance}")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        sl = slice(i, i + batch_size)
+        init = None if init_images is None else init_images[sl]
+        negs = None if negative_prompts is None else negative_prompts[sl]
+        out.append(_generate_batch(model, prompts[sl], seeds[sl], sampler, steps, guidance, negs, init,
+                                   strength, autocast_dtype))
+    return torch.cat(out)
+
+
+def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_prompts, init, strength,
+                    autocast_dtype):
+    spec, unet = model.spec, model.unet
+    device = next(unet.parameters()).device
+    res = spec.resolution
+    sched = make_sampler(sampler, model.scheduler_config)
+    sched.set_timesteps(steps, device=device)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)
+    cond = encode_prompts(spec, prompts)
+    uncond = encode_prompts(spec, negative_prompts or [""] * len(prompts))
+    guided = guidance != 1.0
+    ctx = cond.cat(uncond) if guided else cond
+    ctx = ContextBatch(*[None if a is None else a.to(device) for a in ctx.astuple()])
+
+    timesteps = sched.timesteps
+    if init is None:
+        x = noise * sched.init_noise_sigma
+    else:
+        init = init.to(device)
+        t_start = steps - min(int(round(steps * strength)), steps)
+        timesteps = timesteps[t_start * sched.order :]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start * sched.order)
+        if len(timesteps) == 0:
+            return to_uint8(init).cpu()
+        x = sched.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
+
+    for t in timesteps:
+        x_in = torch.cat([x, x]) if guided else x
+        x_in = sched.scale_model_input(x_in, t)
+        tt = t.expand(x_in.shape[0]).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pred = denoise(unet, spec, x_in, tt, ctx).float()
+        if guided:
+            pc, pu = pred.chunk(2)
+            pred = pu + guidance * (pc - pu)
+        x = sched.step(pred, t, x, generator=gens, return_dict=False)[0]
+    return to_uint8(x).cpu()
+
+
+def save_pngs(images: torch.Tensor, out_dir: Path, names: list[str]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for img, name in zip(images, names, strict=True):
+        p = out_dir / name
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(p)
+        paths.append(p)
+    return paths
+
+
+def grid(images: torch.Tensor, cols: int = 8) -> Image.Image:
+    from diffusers.utils import make_image_grid
+
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+    rows = (len(pil) + cols - 1) // cols
+    pil += [Image.new("RGB", pil[0].size, (0, 0, 0))] * (rows * cols - len(pil))
+    return make_image_grid(pil, rows=rows, cols=cols)

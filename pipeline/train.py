@@ -1,0 +1,206 @@
+"""The training loop: read it top to bottom in one sitting.
+
+    python -m pipeline.train --config configs/shapes.yaml [--resume]   (same as `diffuse train`)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.config import Config
+from pipeline.dataset import batch_indices, load_imagefolder
+from pipeline.encoders import EmbeddingCache, build_encoder
+from pipeline.errors import TrainingDiverged
+from pipeline.model_dir import save_model
+from pipeline.network import ModelSpec, build_unet
+from pipeline.objective import cfg_dropout, diffusion_loss
+from pipeline.tracking import JsonlLogger, Loggers, MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+def make_train_scheduler(cfg: Config):
+    from diffusers import DDPMScheduler
+
+    d = cfg.diffusion
+    # trailing spacing: samplers start from t = T-1, where the cosine schedule leaves no trace of the image
+    return DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                         prediction_type=d.prediction_type, clip_sample=False, timestep_spacing="trailing")
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def prepare_context(cfg: Config, captions: list[str], labels: list[str] | None):
+    """Encode every unique caption once (through the disk cache) into a table; row 0 is the null context.
+    Returns (encoder, table, row index of each training item)."""
+    c = cfg.context
+    if c.encoder == "category":
+        encoder = build_encoder("category", categories=labels)
+        table = encoder.encode([""] + encoder.categories)
+        row = {lab: i + 1 for i, lab in enumerate(encoder.categories)}
+        return encoder, table, torch.tensor([row[lab] for lab in labels])
+    encoder = build_encoder(c.encoder, c.max_length, c.clip_path)
+    unique = [""] + sorted(set(captions) - {""})
+    table, encoded_now = EmbeddingCache(c.cache_dir, encoder.id).table(encoder, unique)
+    overlong = sum(encoder.overlong(u) for u in unique[:2000])
+    if overlong:
+        log.warning("%d captions are longer than %d tokens and were truncated", overlong, c.max_length)
+    log.info("context: %d unique captions (%d encoded now, the rest from the cache)", len(unique), encoded_now)
+    row = {cap: i for i, cap in enumerate(unique)}
+    return encoder, table, torch.tensor([row[cap] for cap in captions])
+
+
+def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None, progress: bool = True) -> Path:
+    """Train per `cfg`; returns the final model directory (run_dir/model)."""
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    jsonl = JsonlLogger(run_dir)
+    logger = Loggers(jsonl, *([logger] if logger else []))
+
+    # data and context: images decoded once, captions encoded once
+    data = load_imagefolder(cfg.data.path, cfg.data.resolution, cfg.data.caption_column, cfg.data.label_column)
+    encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
+    table = type(table)(*[None if a is None else a.to(device) for a in table.astuple()])
+    n = len(data.captions)
+
+    spec = ModelSpec(
+        resolution=cfg.data.resolution, patch_size=cfg.model.patch_size, coord_channels=cfg.model.coord_channels,
+        encoder=cfg.context.encoder, encoder_id=encoder.id, max_length=encoder.max_length,
+        clip_path=cfg.context.clip_path, attach=cfg.context.attach,
+        categories=getattr(encoder, "categories", None),
+        context_dim=0 if table.tokens is None else table.tokens.shape[-1],
+        prediction_type=cfg.diffusion.prediction_type,
+    )
+    m = cfg.model
+    unet = build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels,
+                      m.attention_head_dim, m.norm_num_groups).to(device)
+    if t.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    scheduler = make_train_scheduler(cfg)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4)
+    generator = torch.Generator().manual_seed(cfg.seed)  # all training randomness: t, noise, CFG dropout
+    step = 0
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        log.warning("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+    if ckpt is not None:
+        unet_sd, ema_sd, state = load_checkpoint(ckpt)
+        unet.load_state_dict(unet_sd)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        names = [k for k, _ in unet.named_parameters()]
+        ema.load_state_dict(state["ema"] | {"shadow_params": [ema_sd[k].to(device) for k in names]})
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        jsonl.truncate_after(step)
+        log.info("resumed from %s (step %d)", ckpt, step)
+    else:
+        logger.log_params({"config": cfg.model_dump(mode="json"), "num_items": n,
+                           "skipped_items": len(data.skipped), "parameters": sum(p.numel() for p in unet.parameters())})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    model = torch.compile(unet) if t.compile else unet
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    samples_per_step = t.batch_size * t.grad_accum
+    last_good = ckpt
+
+    def checkpoint() -> Path:
+        state = {
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+            "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+            "samples_seen": step * samples_per_step,
+        }
+        names = [k for k, _ in unet.named_parameters()]
+        ema_sd = {k: p.detach().cpu() for k, p in zip(names, ema.shadow_params, strict=True)}
+        unet_sd = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+        return save_checkpoint(run_dir, step, unet_sd, ema_sd, state, t.keep_last)
+
+    bar = _progress(t.max_steps, step, progress)
+    tick, tick_step = time.perf_counter(), step
+    while step < t.max_steps:
+        for micro in range(t.grad_accum):
+            idx = batch_indices(n, cfg.seed, step * samples_per_step + micro * t.batch_size, t.batch_size)
+            x0 = data.images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            if t.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator)
+            with torch.autocast(**autocast):
+                loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
+                                      cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma)
+            (loss / t.grad_accum).backward()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
+            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
+                                   "Lower train.lr or raise train.warmup_steps, then resume or restart.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip).item()
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.max_steps:
+            now = time.perf_counter()
+            img_s = (step - tick_step) * samples_per_step / max(now - tick, 1e-9)
+            tick, tick_step = now, step
+            metrics = {"loss": loss_value, "lr": lr_schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                       "img_per_s": img_s}
+            logger.log_metrics(metrics, step)
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            last_good = checkpoint()
+    bar.close()
+
+    ema.copy_to(unet.parameters())  # the shipped model carries the EMA weights
+    unet = unet.to(memory_format=torch.contiguous_format)
+    return save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json"))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `python -m pipeline.train` (torchrun uses it too)."""
+    from pipeline.cli import app
+
+    app(["train", *(argv or __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    main()

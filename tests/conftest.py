@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny shapes dataset and tiny training configs (seconds, not minutes, on a CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DIFFUSE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def tiny_config(tmp: Path, dataset: Path, **sections) -> dict:
+    cfg = {
+        "run_dir": str(tmp / "run"),
+        "seed": 0,
+        "data": {"path": str(dataset), "resolution": 16},
+        "context": {"encoder": "minilm", "max_length": 16, "attach": "both", "cache_dir": str(tmp / "cache")},
+        "model": {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_levels": [False, True],
+                  "attention_head_dim": 8, "norm_num_groups": 8, "patch_size": 2, "coord_channels": True},
+        "diffusion": {"prediction_type": "v_prediction", "loss_weighting": "clamped_snr"},
+        "train": {"batch_size": 8, "lr": 0.002, "warmup_steps": 2, "max_steps": 20, "log_every": 5,
+                  "checkpoint_every": 10, "keep_last": 2, "num_threads": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    from pipeline import shapes
+
+    out = tmp_path_factory.mktemp("shapes") / "data"
+    shapes.make_dataset(out, 64, resolution=16, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedding_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, shapes_data) -> Path:
+    """One tiny model trained once for the sampling tests."""
+    from pipeline.config import Config
+    from pipeline.train import train
+
+    tmp = tmp_path_factory.mktemp("tiny_model")
+    cfg = Config.model_validate(tiny_config(tmp, shapes_data, train={"max_steps": 30}))
+    return train(cfg, progress=False)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    import subprocess
+
+    return subprocess.run([*DIFFUSE, *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})

