@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One prepared script for a lent GPU machine (< 8 minutes): CUDA tests, bf16 training throughput + MFU,
+# sampling throughput. Prepare wheels first with bench/gpu_wheels.sh, then run through the device tool with
+# carry [".whl", "data/shapes"]:  bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+[ -d data/shapes ] || python3 -c "from pipeline import shapes; from pathlib import Path; shapes.make_dataset(Path('data/shapes'), 10000, 32, 0)"
+timeout 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt"
+timeout 240 python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt"
