@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 # The main job on the embedded default: shapes data -> train (<= 10 CPU-minutes) -> sample -> score.
 demo: venv
 	$(DIFFUSE) data shapes --out data/shapes --num 10000 --resolution 32
-	$(DIFFUSE) train --config configs/shapes.yaml
+	$(DIFFUSE) train --config configs/shapes.yaml --overwrite
 	$(DIFFUSE) sample --model $(DEMO_RUN)/model --num 8 --out $(DEMO_RUN)/samples \
 		--prompt "a large red circle in the center on a white background" \
 		--prompt "a small blue triangle in the top left corner on a black background" \

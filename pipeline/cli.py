@@ -78,6 +78,7 @@ def data_shapes(
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML training config (see configs/shapes.yaml)"),
     resume: bool = typer.Option(False, help="continue from the latest checkpoint in run_dir"),
+    overwrite: bool = typer.Option(False, help="start again in a run_dir that holds an earlier run"),
     set_: list[str] = typer.Option([], "--set", help="override a config value: KEY=VALUE, e.g. train.max_steps=100"),
 ):
     """Train a model; the final model lands in RUN_DIR/model (diffusers format)."""
@@ -85,7 +86,7 @@ def train(
     from pipeline.train import train as run_training
 
     cfg = load_config(config, _parse_overrides(set_))
-    model_dir = run_training(cfg, resume=resume)
+    model_dir = run_training(cfg, resume=resume, overwrite=overwrite)
     out.print(f"model saved to {model_dir}")
 
 

@@ -31,6 +31,7 @@ class ContextConfig(_Strict):
         description="cross_attention: tokens via attention; additive: pooled embedding added to the "
         "timestep embedding (every block's feature maps); both",
     )
+    standardize: bool = Field(True, description="scale context channels to the training captions' spread")
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability a sample trains unconditionally")
     cache_dir: Path = Field(Path(".cache/embeddings"), description="caption embedding cache")
 
@@ -51,6 +52,9 @@ class ModelConfig(_Strict):
     norm_num_groups: int = Field(32, ge=1)
     patch_size: int = Field(2, ge=1, le=8, description="pixel-unshuffle factor: the UNet runs at res/patch")
     coord_channels: bool = Field(True, description="add x/y coordinate input channels (helps layout)")
+    coord_frequencies: int = Field(0, ge=0, le=8, description="also sin/cos coordinate features at 1..N octaves")
+    scale_shift: bool = Field(False, description="ResNet blocks take the (time + pooled context) embedding as "
+                              "scale and shift (FiLM) rather than as a bias")
 
     @model_validator(mode="after")
     def _check(self):

@@ -41,6 +41,25 @@ class ContextBatch:
         return ContextBatch(*[None if a is None else a[idx] for a in self.astuple()])
 
 
+def context_stats(table: ContextBatch) -> dict[str, list[float]]:
+    """Per-channel mean and std of the training captions' token states (real tokens only) and pooled vectors."""
+    m = table.mask.bool()
+    tok = table.tokens[m]
+    return {"token_mean": tok.mean(0).tolist(), "token_std": tok.std(0).clamp(min=1e-4).tolist(),
+            "pooled_mean": table.pooled.mean(0).tolist(), "pooled_std": table.pooled.std(0).clamp(min=1e-4).tolist()}
+
+
+def standardize(ctx: ContextBatch, stats: dict[str, list[float]] | None) -> ContextBatch:
+    """Scale every channel to the training captions' spread: captions that differ in one word (a position,
+    a colour) then differ by O(1) in what the UNet sees, instead of by a few percent of a unit vector."""
+    if stats is None or ctx.tokens is None:
+        return ctx
+    tm, ts = torch.tensor(stats["token_mean"]), torch.tensor(stats["token_std"])
+    pm, ps = torch.tensor(stats["pooled_mean"]), torch.tensor(stats["pooled_std"])
+    tokens = (ctx.tokens - tm) / ts * ctx.mask[..., None]
+    return ContextBatch(tokens, ctx.mask, (ctx.pooled - pm) / ps, ctx.labels)
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

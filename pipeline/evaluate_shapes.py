@@ -42,7 +42,8 @@ def evaluate_images(folder: Path) -> dict:
             continue
         try:
             rec = json.loads(line)
-            items.append((Image.open(Path(folder) / rec["file_name"]).convert("RGB"), rec.get("prompt", rec.get("text"))))
+            image = Image.open(Path(folder) / rec["file_name"]).convert("RGB")
+            items.append((image, rec.get("prompt", rec.get("text"))))
         except Exception as e:
             raise UserError(f"{meta} line {n}: {e}") from None
     return shapes.score(items)

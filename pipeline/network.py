@@ -7,6 +7,7 @@ the diffusers-format `unet/` and `scheduler/` folders.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,7 @@ class ModelSpec(BaseModel):
     resolution: int
     patch_size: int
     coord_channels: bool
+    coord_frequencies: int = 0
     encoder: Literal["minilm", "clip", "category"]
     encoder_id: str
     max_length: int
@@ -32,6 +34,7 @@ class ModelSpec(BaseModel):
     attach: Literal["cross_attention", "additive", "both"]
     context_dim: int
     prediction_type: str
+    context_stats: dict[str, list[float]] | None = None  # per-channel standardization of the context
 
     @property
     def uses_tokens(self) -> bool:
@@ -42,8 +45,12 @@ class ModelSpec(BaseModel):
         return self.encoder != "category" and self.attach in ("additive", "both")
 
 
+def coord_channel_count(spec: ModelSpec) -> int:
+    return (2 + 4 * spec.coord_frequencies) if spec.coord_channels else 0
+
+
 def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, attention_levels,
-               attention_head_dim: int, norm_num_groups: int):
+               attention_head_dim: int, norm_num_groups: int, scale_shift: bool = False):
     from diffusers import UNet2DConditionModel
 
     p = spec.patch_size
@@ -52,7 +59,7 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
     up = ["CrossAttnUpBlock2D" if (a and cross) else "UpBlock2D" for a in reversed(attention_levels)]
     kwargs = dict(
         sample_size=spec.resolution // p,
-        in_channels=3 * p * p + (2 if spec.coord_channels else 0),
+        in_channels=3 * p * p + coord_channel_count(spec),
         out_channels=3 * p * p,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
@@ -62,6 +69,7 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
         cross_attention_dim=spec.context_dim if cross else None,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
     )
     if spec.uses_pooled:  # additive: pooled embedding projected and added to the timestep embedding
         kwargs.update(class_embed_type="projection", projection_class_embeddings_input_dim=spec.context_dim)
@@ -72,10 +80,15 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
     return UNet2DConditionModel(**kwargs)
 
 
-def _coords(batch: int, res: int, like: torch.Tensor) -> torch.Tensor:
+def _coords(batch: int, res: int, frequencies: int, like: torch.Tensor) -> torch.Tensor:
+    """x/y in [-1, 1], plus sin/cos of them at octaves 1..frequencies."""
     lin = torch.linspace(-1.0, 1.0, res, device=like.device, dtype=like.dtype)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    return torch.stack([xx, yy]).expand(batch, 2, res, res)
+    chans = [xx, yy]
+    for k in range(frequencies):
+        f = math.pi * 2**k
+        chans += [torch.sin(f * xx), torch.cos(f * xx), torch.sin(f * yy), torch.cos(f * yy)]
+    return torch.stack(chans).expand(batch, len(chans), res, res)
 
 
 def denoise(unet, spec: ModelSpec, x_t: torch.Tensor, t: torch.Tensor, ctx: ContextBatch) -> torch.Tensor:
@@ -83,7 +96,7 @@ def denoise(unet, spec: ModelSpec, x_t: torch.Tensor, t: torch.Tensor, ctx: Cont
     p = spec.patch_size
     h = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
     if spec.coord_channels:
-        h = torch.cat([h, _coords(h.shape[0], h.shape[-1], h)], dim=1)
+        h = torch.cat([h, _coords(h.shape[0], h.shape[-1], spec.coord_frequencies, h)], dim=1)
     if ctx.labels is not None:
         class_labels = ctx.labels
     else:

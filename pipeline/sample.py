@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.encoders import ContextBatch, build_encoder
+from pipeline.encoders import ContextBatch, build_encoder, standardize
 from pipeline.errors import UserError
 from pipeline.model_dir import LoadedModel
 from pipeline.network import ModelSpec, denoise
@@ -46,7 +46,7 @@ def encode_prompts(spec: ModelSpec, prompts: list[str]) -> ContextBatch:
         if enc.overlong(p):
             log.warning("prompt %d is longer than the encoder's %d tokens and was truncated: %.60s...",
                         i, spec.max_length, p)
-    return enc.encode(list(prompts))
+    return standardize(enc.encode(list(prompts)), spec.context_stats)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

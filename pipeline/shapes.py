@@ -26,19 +26,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.28, "large": 0.42}  # side of the shape's bounding box, as a fraction of the image
+SIZES = {"small": 0.34, "large": 0.5}  # side of the shape's bounding box, as a fraction of the image
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
     "black": (0, 0, 0),
     "gray": (128, 128, 128),
 }
-# 3x3 grid: name -> (column, row); centres sit at 0.21 / 0.5 / 0.79 of the image
+# 3x3 grid: name -> (column, row); centres sit at 0.25 / 0.5 / 0.75 of the image
 POSITIONS: dict[str, tuple[int, int]] = {
     "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
     "left": (0, 1), "center": (1, 1), "right": (2, 1),
     "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
 }
-GRID_CENTRES = (0.21, 0.5, 0.79)
+GRID_CENTRES = (0.25, 0.5, 0.75)
 # One held-out pair per shape and no colour twice: every colour and shape is still seen in training.
 HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 
@@ -218,7 +218,7 @@ def analyse(image: Image.Image) -> dict[str, str] | None:
             best, best_iou = shape, iou
     extent = max(y1 - y0, x1 - x0) / res
     size = "small" if extent < (SIZES["small"] + SIZES["large"]) / 2 else "large"
-    cy, cx = ys.mean() / res, xs.mean() / res
+    cy, cx = (y0 + y1) / 2 / res, (x0 + x1) / 2 / res  # box centre: a triangle's mass sits low in its box
     col, row = min(int(cx * 3), 2), min(int(cy * 3), 2)
     position = next(name for name, cr in POSITIONS.items() if cr == (col, row))
     return {"colour": colour, "shape": best, "size": size, "position": position,

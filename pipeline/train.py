@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.dataset import batch_indices, load_imagefolder
-from pipeline.encoders import EmbeddingCache, build_encoder
-from pipeline.errors import TrainingDiverged
+from pipeline.encoders import EmbeddingCache, build_encoder, context_stats, standardize
+from pipeline.errors import TrainingDiverged, UserError
 from pipeline.model_dir import save_model
 from pipeline.network import ModelSpec, build_unet
 from pipeline.objective import cfg_dropout, diffusion_loss
@@ -65,10 +66,18 @@ def prepare_context(cfg: Config, captions: list[str], labels: list[str] | None):
     return encoder, table, torch.tensor([row[cap] for cap in captions])
 
 
-def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None, progress: bool = True) -> Path:
+def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None, progress: bool = True,
+          overwrite: bool = False) -> Path:
     """Train per `cfg`; returns the final model directory (run_dir/model)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
+    if not resume and checkpoint_dirs(run_dir):
+        if not overwrite:
+            raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
+                            "--overwrite to start again (its checkpoints, metrics and model are deleted)")
+        for stale in ("checkpoints", "model", "metrics.jsonl"):
+            path = run_dir / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if t.num_threads:
@@ -83,20 +92,23 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     # data and context: images decoded once, captions encoded once
     data = load_imagefolder(cfg.data.path, cfg.data.resolution, cfg.data.caption_column, cfg.data.label_column)
     encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
+    stats = context_stats(table) if cfg.context.standardize and table.tokens is not None else None
+    table = standardize(table, stats)
     table = type(table)(*[None if a is None else a.to(device) for a in table.astuple()])
     n = len(data.captions)
 
     spec = ModelSpec(
         resolution=cfg.data.resolution, patch_size=cfg.model.patch_size, coord_channels=cfg.model.coord_channels,
-        encoder=cfg.context.encoder, encoder_id=encoder.id, max_length=encoder.max_length,
+        coord_frequencies=cfg.model.coord_frequencies, encoder=cfg.context.encoder, encoder_id=encoder.id,
+        max_length=encoder.max_length,
         clip_path=cfg.context.clip_path, attach=cfg.context.attach,
         categories=getattr(encoder, "categories", None),
         context_dim=0 if table.tokens is None else table.tokens.shape[-1],
-        prediction_type=cfg.diffusion.prediction_type,
+        prediction_type=cfg.diffusion.prediction_type, context_stats=stats,
     )
     m = cfg.model
     unet = build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels,
-                      m.attention_head_dim, m.norm_num_groups).to(device)
+                      m.attention_head_dim, m.norm_num_groups, m.scale_shift).to(device)
     if t.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     scheduler = make_train_scheduler(cfg)

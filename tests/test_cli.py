@@ -112,3 +112,15 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = run_cli("sample", "--model", str(tmp_path / "nothing"), "--prompt", "x")
     assert proc.returncode == 2
     assert "model directory not found" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_second_fresh_run_needs_resume_or_overwrite(tmp_path, shapes_data, embedding_cache):
+    raw = tiny_config(tmp_path, shapes_data, train={"max_steps": 2, "checkpoint_every": 1, "log_every": 1},
+                      context={"cache_dir": str(embedding_cache)})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    assert invoke("train", "--config", str(cfg)).exit_code == 0
+    result = invoke("train", "--config", str(cfg))
+    assert result.exit_code == 2 and "--resume" in result.output and "--overwrite" in result.output
+    assert invoke("train", "--config", str(cfg), "--overwrite").exit_code == 0
+    steps = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 2  # the earlier run's metrics went with its checkpoints

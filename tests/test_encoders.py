@@ -74,3 +74,29 @@ def test_category_encoder_maps_labels_and_null():
     assert enc.encode(["red circle", "", "blue square"]).labels.tolist() == [1, 2, 0]
     with pytest.raises(UserError, match="unknown categories"):
         enc.encode(["green"])
+
+
+def test_standardized_context_has_unit_spread_and_is_saved_with_the_model(minilm, trained_tiny):
+    from pipeline.encoders import context_stats, standardize
+    from pipeline.model_dir import load_model
+    from pipeline.sample import encode_prompts
+
+    captions = ["", "a red circle on the left", "a red circle on the right", "a blue square at the top",
+                "a green triangle at the bottom"]
+    table = minilm.encode(captions)
+    stats = context_stats(table)
+    std = standardize(table, stats)
+    real = std.tokens[std.mask.bool()]
+    torch.testing.assert_close(real.mean(0), torch.zeros(384), atol=1e-4, rtol=0)
+    spread = std.pooled.std(0)
+    assert ((spread - 1).abs() < 1e-3).float().mean() > 0.95  # all but (near-)constant channels
+    assert torch.all(std.tokens[~std.mask.bool()] == 0)  # padding stays zero (and masked)
+    # two captions one word apart: a small change before, an O(1) change after standardizing
+    before = (table.pooled[1] - table.pooled[2]).norm() / table.pooled[1].norm()
+    after = (std.pooled[1] - std.pooled[2]).norm() / std.pooled[1].norm()
+    assert after > 2 * before
+    model = load_model(trained_tiny)
+    assert model.spec.context_stats is not None  # sampling applies the training statistics
+    ctx = encode_prompts(model.spec, ["a red circle"])
+    raw = minilm.encode(["a red circle"])
+    assert not torch.allclose(ctx.pooled, raw.pooled)

@@ -62,15 +62,16 @@ def test_cfg_dropout_rate_is_as_configured_and_changes_between_steps():
 def test_loss_decreases_on_a_tiny_config(tmp_path, shapes_data):
     from pipeline.train import train
 
-    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train={"max_steps": 60, "log_every": 10,
+    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train={"max_steps": 100, "log_every": 1,
                                                                          "num_threads": 2}))
     train(cfg, progress=False)
     import json
 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
-    assert len(losses) == 6
-    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    assert len(losses) == 100
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.75 * first, (first, last)  # 10-step means: noise alone moves them a few percent
 
 
 def test_diffusion_loss_uses_the_network_prediction():

@@ -1,0 +1,55 @@
+"""Adherence against training minutes: evaluate the EMA weights of every checkpoint a run kept.
+
+    .venv/bin/diffuse train --config configs/shapes.yaml --set train.keep_last=50
+    .venv/bin/python bench/adherence_curve.py --run runs/shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from pipeline import shapes
+from pipeline.checkpoint import checkpoint_dirs
+from pipeline.model_dir import load_model
+from pipeline.sample import generate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/shapes")
+    ap.add_argument("--per-pair", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    run = Path(args.run)
+    model = load_model(run / "model")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    t0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["time"]
+    when = {r["step"]: (r["time"] - t0) / 60 for r in lines}
+    items = shapes.eval_prompts(args.per_pair)
+    prompts = [p for _, p in items]
+    curve = []
+    for ckpt in checkpoint_dirs(run):
+        step = int(ckpt.name.split("-")[1])
+        model.unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        images = generate(model, prompts, list(range(len(prompts))))
+        from PIL import Image
+
+        pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+        s = shapes.score(zip(pil, prompts, strict=True))
+        s = s["summary"]
+        row = {"step": step, "minutes": round(when.get(step, float("nan")), 2),
+               "colour+shape seen": s["seen"]["colour+shape"], "colour+shape held-out": s["held_out"]["colour+shape"],
+               "colour": s["all"]["colour"], "shape": s["all"]["shape"], "size": s["all"]["size"],
+               "position": s["all"]["position"], "all": s["all"]["all"]}
+        curve.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out or run / "adherence_curve.json")
+    out.write_text(json.dumps(curve, indent=2))
+
+
+if __name__ == "__main__":
+    main()
