@@ -54,7 +54,7 @@ def train_bench(cfg, steps: int, run_dir: Path) -> dict:
 
     cfg = cfg.model_copy(update={"run_dir": run_dir, "train": cfg.train.model_copy(update={
         "max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9, "warmup_steps": 1})})
-    train(cfg, progress=False)
+    train(cfg, progress=False, overwrite=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"img_per_s"' in x]
     img_s = lines[-1]["img_per_s"]  # the second half: compiled/warm
     flops = step_flops(cfg)
