@@ -14,6 +14,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -49,7 +50,7 @@ def reference_loop(cfg, steps: int, warmup: int) -> float:
         pixels = []
         for i in idx:
             with Image.open(root / records[i]["file_name"]) as im:
-                arr = torch.from_numpy(__import__("numpy").asarray(to_square(im, cfg.data.resolution)).copy())
+                arr = torch.from_numpy(np.asarray(to_square(im, cfg.data.resolution)).copy())
             pixels.append(arr.permute(2, 0, 1).float() / 127.5 - 1)
         x0 = torch.stack(pixels)
         captions = [records[i][cfg.data.caption_column] for i in idx]

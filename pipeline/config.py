@@ -103,12 +103,6 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
 
 
-class SampleConfig(_Strict):
-    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(4.0, ge=0, le=50)
-
-
 class Config(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 0
@@ -117,7 +111,6 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
-    sample: SampleConfig = SampleConfig()
 
     @model_validator(mode="after")
     def _check(self):

@@ -71,6 +71,9 @@ class _HFTextEncoder(abc.ABC):
     id: str
 
     def __init__(self, max_length: int):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar on every CLI call is noise
         self.max_length = max_length
         self.tokenizer = None
         self.model = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for `python -m pipeline.train` (torchrun uses it too)."""
     from pipeline.cli import app
 
-    app(["train", *(argv or __import__("sys").argv[1:])])
+    app(["train", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

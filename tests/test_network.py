@@ -9,16 +9,20 @@ from pipeline.network import ModelSpec, build_unet, denoise
 from tests.conftest import tiny_config
 
 
-def _spec(attach, encoder="minilm", categories=None):
-    return ModelSpec(resolution=16, patch_size=2, coord_channels=True, encoder=encoder, encoder_id="x",
+def _spec(attach, encoder="minilm", categories=None, coord_frequencies=0):
+    return ModelSpec(resolution=16, patch_size=2, coord_channels=True, coord_frequencies=coord_frequencies,
+                     encoder=encoder, encoder_id="x",
                      max_length=8, categories=categories, attach=attach, context_dim=24,
                      prediction_type="v_prediction")
 
 
-@pytest.mark.parametrize("attach", ["cross_attention", "additive", "both"])
-def test_context_changes_the_prediction(attach):
-    spec = _spec(attach)
-    unet = build_unet(spec, [32, 32], 1, [False, True], 8, 8).eval()
+@pytest.mark.parametrize(("attach", "film", "freqs"),
+                         [("cross_attention", False, 0), ("additive", True, 0), ("both", True, 2)])
+def test_context_changes_the_prediction(attach, film, freqs):
+    spec = _spec(attach, coord_frequencies=freqs)
+    unet = build_unet(spec, [32, 32], 1, [False, True], 8, 8, scale_shift=film).eval()
+    assert unet.config.in_channels == 12 + 2 + 4 * freqs
+    assert unet.config.resnet_time_scale_shift == ("scale_shift" if film else "default")
     has_attn = any("attn2" in n for n, _ in unet.named_modules())
     assert has_attn == (attach != "additive")
     assert (unet.class_embedding is not None) == (attach != "cross_attention")
