@@ -59,7 +59,7 @@ def prepare_context(cfg: Config, captions: list[str], labels: list[str] | None):
     encoder = build_encoder(c.encoder, c.max_length, c.clip_path)
     unique = [""] + sorted(set(captions) - {""})
     table, encoded_now = EmbeddingCache(c.cache_dir, encoder.id).table(encoder, unique)
-    overlong = sum(encoder.overlong(u) for u in unique[:2000])
+    overlong = sum(encoder.overlong(u) for u in unique[:2000])  # a sample: tokenizing millions is not free
     if overlong:
         log.warning("%d captions are longer than %d tokens and were truncated", overlong, c.max_length)
     log.info("context: %d unique captions (%d encoded now, the rest from the cache)", len(unique), encoded_now)
