@@ -12,10 +12,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from pipeline import shapes
 from pipeline.checkpoint import checkpoint_dirs
+from pipeline.evaluate_shapes import evaluate
 from pipeline.model_dir import load_model
-from pipeline.sample import generate
 
 
 def main() -> None:
@@ -29,18 +28,11 @@ def main() -> None:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     t0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["time"]
     when = {r["step"]: (r["time"] - t0) / 60 for r in lines}
-    items = shapes.eval_prompts(args.per_pair)
-    prompts = [p for _, p in items]
     curve = []
     for ckpt in checkpoint_dirs(run):
         step = int(ckpt.name.split("-")[1])
         model.unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-        images = generate(model, prompts, list(range(len(prompts))))
-        from PIL import Image
-
-        pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
-        s = shapes.score(zip(pil, prompts, strict=True))
-        s = s["summary"]
+        s = evaluate(model, args.per_pair)["summary"]
         row = {"step": step, "minutes": round(when.get(step, float("nan")), 2),
                "colour+shape seen": s["seen"]["colour+shape"], "colour+shape held-out": s["held_out"]["colour+shape"],
                "colour": s["all"]["colour"], "shape": s["all"]["shape"], "size": s["all"]["size"],

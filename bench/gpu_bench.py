@@ -26,18 +26,12 @@ def step_flops(cfg) -> float:
     """FLOPs of one training step's forward+backward, counted on a real batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.encoders import ContextBatch
-    from pipeline.network import ModelSpec, build_unet
+    from pipeline.encoders import ContextBatch, MiniLMEncoder
     from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler
+    from pipeline.train import make_train_scheduler, model_spec, unet_from_config
 
-    spec = ModelSpec(resolution=cfg.data.resolution, patch_size=cfg.model.patch_size,
-                     coord_channels=cfg.model.coord_channels, encoder="minilm", encoder_id="x",
-                     max_length=cfg.context.max_length, attach=cfg.context.attach, context_dim=384,
-                     prediction_type=cfg.diffusion.prediction_type)
-    m = cfg.model
-    unet = build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels, m.attention_head_dim,
-                      m.norm_num_groups).cuda()
+    spec = model_spec(cfg, MiniLMEncoder(cfg.context.max_length), 384)
+    unet = unet_from_config(spec, cfg).cuda()
     sched = make_train_scheduler(cfg)
     sched.alphas_cumprod = sched.alphas_cumprod.cuda()
     b, L = cfg.train.batch_size, cfg.context.max_length

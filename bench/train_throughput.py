@@ -24,20 +24,14 @@ def reference_loop(cfg, steps: int, warmup: int) -> float:
 
     from pipeline.dataset import to_square
     from pipeline.encoders import build_encoder
-    from pipeline.network import ModelSpec, build_unet
     from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler
+    from pipeline.train import make_train_scheduler, model_spec, unet_from_config
 
     root = Path(cfg.data.path)
     records = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
     encoder = build_encoder(cfg.context.encoder, cfg.context.max_length, cfg.context.clip_path)
-    spec = ModelSpec(resolution=cfg.data.resolution, patch_size=cfg.model.patch_size,
-                     coord_channels=cfg.model.coord_channels, encoder=cfg.context.encoder, encoder_id=encoder.id,
-                     max_length=encoder.max_length, attach=cfg.context.attach, context_dim=encoder.dim,
-                     prediction_type=cfg.diffusion.prediction_type)
-    m = cfg.model
-    unet = build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels, m.attention_head_dim,
-                      m.norm_num_groups)
+    spec = model_spec(cfg, encoder, encoder.dim)  # the same UNet as ours; context left unstandardized
+    unet = unet_from_config(spec, cfg)
     scheduler = make_train_scheduler(cfg)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
     g = torch.Generator().manual_seed(0)

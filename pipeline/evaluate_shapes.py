@@ -12,12 +12,16 @@ from pipeline import shapes
 from pipeline.errors import UserError
 
 
-def evaluate_model(model_dir: Path, per_pair: int = 8, *, sampler: str = "dpmpp", steps: int = 20,
-                   guidance: float = 4.0, grid_path: Path | None = None) -> dict:
+def evaluate_model(model_dir: Path, per_pair: int = 8, **protocol) -> dict:
     from pipeline.model_dir import load_model
-    from pipeline.sample import generate, grid
 
-    model = load_model(model_dir)
+    return evaluate(load_model(model_dir), per_pair, **protocol)
+
+
+def evaluate(model, per_pair: int = 8, *, sampler: str = "dpmpp", steps: int = 20, guidance: float = 4.0) -> dict:
+    """Generate the fixed prompt set with a loaded model and score it."""
+    from pipeline.sample import generate
+
     items = shapes.eval_prompts(per_pair)
     prompts = [p for _, p in items]
     start = time.perf_counter()
@@ -27,8 +31,6 @@ def evaluate_model(model_dir: Path, per_pair: int = 8, *, sampler: str = "dpmpp"
     report = shapes.score(zip(pil, prompts, strict=True))
     report["protocol"] = {"per_pair": per_pair, "sampler": sampler, "steps": steps, "guidance": guidance,
                           "seeds": f"0..{len(prompts) - 1}", "generation_seconds": round(seconds, 2)}
-    if grid_path is not None:
-        grid(images[: 8 * 18 : max(1, per_pair // 4)], cols=8).save(grid_path)
     return report
 
 

@@ -37,6 +37,23 @@ def make_train_scheduler(cfg: Config):
                          prediction_type=d.prediction_type, clip_sample=False, timestep_spacing="trailing")
 
 
+def model_spec(cfg: Config, encoder, context_dim: int, context_stats: dict | None = None) -> ModelSpec:
+    """What a model built from `cfg` needs besides its UNet weights (saved as conditioning.json)."""
+    return ModelSpec(
+        resolution=cfg.data.resolution, patch_size=cfg.model.patch_size, coord_channels=cfg.model.coord_channels,
+        coord_frequencies=cfg.model.coord_frequencies, encoder=cfg.context.encoder, encoder_id=encoder.id,
+        max_length=encoder.max_length, clip_path=cfg.context.clip_path, attach=cfg.context.attach,
+        categories=getattr(encoder, "categories", None), context_dim=context_dim,
+        prediction_type=cfg.diffusion.prediction_type, context_stats=context_stats,
+    )
+
+
+def unet_from_config(spec: ModelSpec, cfg: Config):
+    m = cfg.model
+    return build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels, m.attention_head_dim,
+                      m.norm_num_groups, m.scale_shift)
+
+
 def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -98,18 +115,8 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     table = type(table)(*[None if a is None else a.to(device) for a in table.astuple()])
     n = len(data.captions)
 
-    spec = ModelSpec(
-        resolution=cfg.data.resolution, patch_size=cfg.model.patch_size, coord_channels=cfg.model.coord_channels,
-        coord_frequencies=cfg.model.coord_frequencies, encoder=cfg.context.encoder, encoder_id=encoder.id,
-        max_length=encoder.max_length,
-        clip_path=cfg.context.clip_path, attach=cfg.context.attach,
-        categories=getattr(encoder, "categories", None),
-        context_dim=0 if table.tokens is None else table.tokens.shape[-1],
-        prediction_type=cfg.diffusion.prediction_type, context_stats=stats,
-    )
-    m = cfg.model
-    unet = build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels,
-                      m.attention_head_dim, m.norm_num_groups, m.scale_shift).to(device)
+    spec = model_spec(cfg, encoder, 0 if table.tokens is None else table.tokens.shape[-1], stats)
+    unet = unet_from_config(spec, cfg).to(device)
     if t.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     scheduler = make_train_scheduler(cfg)
