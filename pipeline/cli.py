@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import TrainingDiverged, UserError
 
@@ -39,7 +40,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (UserError, TrainingDiverged) as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escaped: a message naming e.g. "s3://B[/PREFIX]" or "[nan]" is text, not rich markup
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -73,21 +75,188 @@ def data_shapes(
               f"{', '.join(' '.join(p) for p in info['held_out_pairs'])})")
 
 
+@data_app.command("ingest")
+@user_errors
+def data_ingest(
+    source: str = typer.Argument(..., help="imagefolder (metadata.jsonl), .csv, .tar (WebDataset) or s3:// prefix"),
+    name: str = typer.Option(..., "--name", "-n", help="dataset name: written to data/prepared/NAME"),
+    resolution: int = typer.Option(64, min=8, max=2048, help="square side of the prepared images"),
+    caption_column: str | None = typer.Option(None, help="caption field (default: 'text', else 'caption')"),
+    label_column: str | None = typer.Option(None, help="class label field, for category conditioning"),
+    near_duplicates: str | None = typer.Option(None, help="quarantine | flag (default from config: quarantine)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with an `ingest:` section"),
+    workers: int | None = typer.Option(None, min=1, help="decode processes (default: all cores)"),
+):
+    """Decode, check and shard an image-text source into a versioned prepared dataset."""
+    from rich.table import Table
+
+    from pipeline.config import IngestConfig, load_section
+    from pipeline.ingest import ingest
+    from pipeline.prepared import dataset_dir
+
+    overrides = {k: v for k, v in {"near_duplicates": near_duplicates, "workers": workers}.items() if v is not None}
+    base = load_section(config, "ingest", IngestConfig)
+    try:
+        cfg = IngestConfig.model_validate(base.model_dump() | overrides)
+    except Exception as e:
+        raise UserError(f"invalid option: {e}") from None
+    out_dir = dataset_dir(name)
+    info = ingest(source, out_dir, resolution, cfg, caption_column=caption_column, label_column=label_column,
+                  name=Path(name).name)
+    table = Table(title=f"dataset {info['name']} ({out_dir})", show_header=False)
+    table.add_row("kept", f"{info['num_items']} ({info['num_train']} train, {info['num_eval']} eval) "
+                          f"in {info['num_shards']} shard(s)")
+    table.add_row("quarantined", str(info["num_quarantined"]))
+    for kind, n in info["quarantined_by_kind"].items():
+        table.add_row(f"  {kind}", str(n))
+    table.add_row("exact duplicates", str(info["exact_duplicates"]))
+    table.add_row(f"near duplicates ({info['near_duplicate_policy']})", str(info["near_duplicates"]))
+    for note, n in info["notes"].items():
+        table.add_row(f"note: {note}", str(n))
+    table.add_row("version", info["version"][:16])
+    out.print(table)
+    if info["num_quarantined"]:
+        out.print(f"reasons per item: {out_dir / 'quarantine.jsonl'}")
+
+
+@data_app.command("validate")
+@user_errors
+def data_validate(
+    name: str = typer.Argument(..., help="dataset name (data/prepared/NAME) or path of a prepared dataset"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with a `validation:` section "
+                                       "(a training config's data.resolution is the expected resolution)"),
+    out_dir: Path | None = typer.Option(None, "--out", help="where validation.json and docs/ go "
+                                        "(default: DATASET.validation beside the dataset)"),
+    resolution: int | None = typer.Option(None, min=8, max=2048, help="expected image side (overrides config)"),
+):
+    """Great Expectations gate: exit 1 when a hard check fails; soft checks only warn."""
+    from pipeline.validate import config_from_file, summary_table, validate_dataset
+
+    cfg = config_from_file(config)
+    if resolution is not None:
+        cfg = cfg.model_copy(update={"resolution": resolution})
+    result = validate_dataset(name, cfg, out_dir)
+    out.print(summary_table(result))
+    out.print(f"report: {result.report}\ndata docs: {result.docs}")
+    for c in result.soft_failures:
+        err.print(f"[yellow]warning:[/] {c.name}: expected {escape(c.expected)}, observed {escape(c.observed)}",
+                  highlight=False)
+    if not result.success:
+        err.print(f"[bold red]validation failed:[/] {', '.join(c.name for c in result.hard_failures)}",
+                  highlight=False)
+        raise typer.Exit(1)
+
+
+@data_app.command("remote")
+@user_errors
+def data_remote(
+    url: str | None = typer.Option(None, help="s3://BUCKET/PREFIX (default: $DVC_REMOTE_URL)"),
+    endpoint: str | None = typer.Option(None, help="S3 endpoint of a non-AWS server (default: $AWS_ENDPOINT_URL)"),
+    name: str = typer.Option("storage", help="DVC remote name"),
+    repo: Path = typer.Option(Path("."), help="the DVC project (folder with .dvc/)"),
+):
+    """Point DVC at an S3 remote from the environment (.dvc/config.local; credentials stay in the env)."""
+    from pipeline.dvc_remote import configure_remote, credentials_hint
+
+    written = configure_remote(repo, url, endpoint, name)
+    where = f" at {written['endpointurl']}" if "endpointurl" in written else ""
+    out.print(f"DVC remote '{name}' -> {written['url']}{where} (default; in {written['config']}, not committed)",
+              highlight=False)
+    if hint := credentials_hint():
+        err.print(f"[yellow]note:[/] {hint}", highlight=False)
+
+
+@data_app.command("report")
+@user_errors
+def data_report(
+    name: str = typer.Argument(..., help="dataset name (data/prepared/NAME) or path"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with context/report/coverage sections"),
+):
+    """Diversity and coverage report: vocabulary, concepts, balance, near duplicates, embedding clusters."""
+    from pipeline.config import ContextConfig, CoverageConfig, ReportConfig, load_section
+    from pipeline.report import build_report
+
+    r = build_report(name, load_section(config, "context", ContextConfig), load_section(config, "report", ReportConfig),
+                     load_section(config, "coverage", CoverageConfig))
+    c = r["captions"]
+    out.print(f"{r['dataset']['items']} items, {c['unique_captions']} unique captions, vocabulary "
+              f"{c['vocabulary_size']} words")
+    out.print("top concepts: " + ", ".join(f"{w} ({n})" for w, n in c["top_concepts"][:10]))
+    for attr, a in r["attributes"].items():
+        missing = f"; never mentioned: {', '.join(a['missing'])}" if a["missing"] else ""
+        out.print(f"{attr}: balance {a['balance']:.2f}{missing}")
+    from pipeline.prepared import dataset_dir
+
+    out.print(f"report: {dataset_dir(name) / 'report' / 'report.html'}")
+
+
+@data_app.command("coverage")
+@user_errors
+def data_coverage(
+    name: str = typer.Argument(..., help="dataset name (data/prepared/NAME) or path"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt to score; repeat for several"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with context/coverage sections"),
+):
+    """How well the data covers each prompt: nearest training captions and a coverage score."""
+    from pipeline.config import ContextConfig, CoverageConfig, load_section
+    from pipeline.report import coverage
+
+    for c in coverage(prompt, name, load_section(config, "context", ContextConfig),
+                      load_section(config, "coverage", CoverageConfig)):
+        flag = "[green]in span[/]" if c.in_span else "[red]outside the data's span[/]"
+        out.print(f"{c.score:.3f} {flag}  {c.prompt!r}")
+        for cap, sim in c.nearest:
+            out.print(f"    {sim:.3f}  {cap}")
+
+
 @app.command()
 @user_errors
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML training config (see configs/shapes.yaml)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config (see configs/shapes.yaml)"),
     resume: bool = typer.Option(False, help="continue from the latest checkpoint in run_dir"),
     overwrite: bool = typer.Option(False, help="start again in a run_dir that holds an earlier run"),
     set_: list[str] = typer.Option([], "--set", help="override a config value: KEY=VALUE, e.g. train.max_steps=100"),
+    log_only: Path | None = typer.Option(None, "--log-only", help="do not train: log this finished RUN_DIR "
+                                         "(config, metrics.jsonl, sample grids, model) to MLflow; e.g. with "
+                                         "--set tracking.uri=URI"),
 ):
-    """Train a model; the final model lands in RUN_DIR/model (diffusers format)."""
+    """Train a model; the final model lands in RUN_DIR/model (diffusers format). Logs to MLflow unless
+    tracking.enabled is false."""
     from pipeline.config import load_config
+
+    if log_only is not None:
+        from pipeline.mlflow_tracking import log_only as log_run
+
+        # tracking settings: --config, else the run's own config.yaml; --set overrides either
+        source = config or log_only / "config.yaml"
+        tc = load_config(source, _parse_overrides(set_)).tracking if source.is_file() else None
+        out.print(f"logged {log_only} to MLflow run {log_run(log_only, tc)}")
+        return
+    if config is None:
+        raise UserError("give --config CONFIG.yaml (or --log-only RUN_DIR)")
+    from pipeline.distributed import is_main_process
     from pipeline.train import train as run_training
 
     cfg = load_config(config, _parse_overrides(set_))
-    model_dir = run_training(cfg, resume=resume, overwrite=overwrite)
+    mlflow_logger = None
+    if cfg.tracking.enabled and is_main_process():  # under torchrun only rank 0 logs to MLflow
+        from pipeline.mlflow_tracking import MLflowLogger
+
+        mlflow_logger = MLflowLogger(cfg, resume=resume)
+    try:
+        model_dir = run_training(cfg, resume=resume, overwrite=overwrite, logger=mlflow_logger)
+    except BaseException as e:
+        if mlflow_logger is not None:
+            mlflow_logger.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     out.print(f"model saved to {model_dir}")
+    if mlflow_logger is not None:
+        mlflow_logger.finish(model_dir)
+        if mlflow_logger.failed:
+            raise UserError(f"training finished and the model is saved, but MLflow logging failed: "
+                            f"{mlflow_logger.failed}\nWhen the tracking server is back: "
+                            f"diffuse train --log-only {cfg.run_dir}")
+        out.print(f"MLflow run {mlflow_logger.run_id} ({mlflow_logger.client.tracking_uri})")
 
 
 @app.command()
@@ -167,6 +336,311 @@ def score_shapes(
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(report, indent=2))
         out.print(f"report written to {out_file}")
+
+
+# ------------------------------------------------------------------ MLflow: evaluate, register, promote, rollback
+
+
+def _tracking(config: Path | None, tracking_uri: str | None):
+    from pipeline.config import TrackingConfig, load_section
+
+    tc = load_section(config, "tracking", TrackingConfig)
+    return tc.model_copy(update={"uri": tracking_uri}) if tracking_uri else tc
+
+
+_CONFIG_HELP = "YAML with tracking/evaluation/promotion sections (a training config works); default: built-ins"
+_URI_HELP = "MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: str = typer.Argument(..., help="model dir, run dir, models:/NAME@ALIAS or models:/NAME/VERSION"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    tracking_uri: str | None = typer.Option(None, help=_URI_HELP),
+    out_file: Path | None = typer.Option(None, "--out", help="write the JSON report here"),
+    no_log: bool = typer.Option(False, help="do not log the results to the model's MLflow run"),
+):
+    """The fixed evaluation protocol: denoising MSE per timestep bucket, shapes adherence, copy rate, FID/KID
+    and CLIP score (when their weights exist locally). Logged to the model's MLflow run."""
+    from rich.table import Table
+
+    from pipeline.config import EvaluationConfig, load_section
+    from pipeline.evaluation import evaluate as run_eval
+    from pipeline.evaluation import public_report
+    from pipeline.mlflow_tracking import read_run_file
+    from pipeline.mlflow_tracking import tracking_uri as store_uri
+    from pipeline.model_uri import resolve_model
+
+    tc = _tracking(config, tracking_uri)
+    ec = load_section(config, "evaluation", EvaluationConfig)
+    resolved = resolve_model(model, store_uri(tc) if model.startswith("models:/") else None)
+    report = run_eval(resolved.model_dir, ec)
+    report["model"] = {"uri": model, "name": resolved.name, "version": resolved.version, "run_id": resolved.run_id}
+    run_id = resolved.run_id
+    if run_id is None:
+        record = read_run_file(resolved.model_dir.parent)
+        run_id = record["run_id"] if record and record.get("tracking_uri") == store_uri(tc) else None
+    if run_id and not no_log:
+        from pipeline.mlflow_tracking import connect, with_retries
+        from pipeline.registry import log_evaluation
+
+        client, _ = connect(tc)
+        with_retries(lambda: log_evaluation(client, run_id, report), tc, "log the evaluation")
+        report["model"]["logged_to_run"] = run_id
+    table = Table(title=f"evaluation of {model} (protocol {report['protocol_id']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report["metrics"].items():
+        table.add_row(k, f"{v:.4f}")
+    for k, v in report["skipped"].items():
+        table.add_row(k, v)
+    out.print(table)
+    if out_file:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(public_report(report), indent=2, default=str))
+        out.print(f"report written to {out_file}")
+
+
+@app.command()
+@user_errors
+def register(
+    run_dir: Path = typer.Argument(..., help="a finished training run (RUN_DIR with model/)"),
+    name: str = typer.Option(..., "--name", "-n", help="registered model name"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    tracking_uri: str | None = typer.Option(None, help=_URI_HELP),
+):
+    """Evaluate RUN_DIR's model and register it as a new version of NAME with alias `challenger` (a run is
+    registered once), with evaluation tags and a model card."""
+    from pipeline.config import EvaluationConfig, load_section
+    from pipeline.registry import register as do_register
+
+    result = do_register(run_dir, name, _tracking(config, tracking_uri),
+                         load_section(config, "evaluation", EvaluationConfig))
+    if result["created"]:
+        out.print(f"registered {name} version {result['version']} (alias challenger) from run {result['run_id']}")
+    else:
+        out.print(f"run {result['run_id']} is already {name} version {result['version']}: nothing registered")
+    out.print(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+@user_errors
+def promote(
+    name: str = typer.Argument(..., help="registered model name"),
+    force: bool = typer.Option(False, help="promote the challenger without running the gate"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    tracking_uri: str | None = typer.Option(None, help=_URI_HELP),
+):
+    """Move `champion` to the challenger if it passes the bars and beats the champion by the margins; the
+    decision and its reasons are recorded as tags on the version. Exit 1 when rejected."""
+    from pipeline.config import EvaluationConfig, PromotionConfig, load_section
+    from pipeline.registry import promote as do_promote
+
+    result = do_promote(name, _tracking(config, tracking_uri), load_section(config, "evaluation", EvaluationConfig),
+                        load_section(config, "promotion", PromotionConfig), force=force)
+    colour = {"promoted": "green", "forced": "yellow", "rejected": "red"}.get(result["decision"], "white")
+    out.print(f"[bold {colour}]{result['decision']}[/]: {name} v{result['version']} "
+              f"(champion before: {result['champion_before'] or 'none'})")
+    for r in result["reasons"]:
+        out.print(f"  - {r}", highlight=False)
+    if result["decision"] == "rejected":
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def rollback(
+    name: str = typer.Argument(..., help="registered model name"),
+    to: int | None = typer.Option(None, "--to", help="version to make champion (default: the previous champion)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    tracking_uri: str | None = typer.Option(None, help=_URI_HELP),
+):
+    """Point `champion` back at the previous champion (or at --to VERSION)."""
+    from pipeline.registry import rollback as do_rollback
+
+    result = do_rollback(name, _tracking(config, tracking_uri), None if to is None else str(to))
+    out.print(f"{name}: champion v{result['from_version']} -> v{result['to_version']}")
+
+
+# ------------------------------------------------------------------ prompt store and batch generation
+
+prompts_app = typer.Typer(help="The prompt store (SQLite by default, Postgres by URL).", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+_STORE_HELP = "prompt store URL (default: generation.store_url, $DIFFUSE_PROMPT_STORE, sqlite:///prompts.db)"
+_GEN_CONFIG_HELP = "YAML with generation/coverage/tracking sections (a training config works)"
+
+
+def _open_prompt_store(store: str | None, config: Path | None):
+    from pipeline.config import GenerationConfig, load_section
+    from pipeline.prompt_store import open_store, store_url
+
+    gc = load_section(config, "generation", GenerationConfig)
+    return open_store(store_url(gc, store)), gc
+
+
+@prompts_app.command("add")
+@user_errors
+def prompts_add(
+    text: str = typer.Argument(..., help="the prompt"),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="what to steer away from"),
+    sampler: str | None = typer.Option(None, help="dpmpp | ddim | ddpm (default: generation.sampler)"),
+    steps: int | None = typer.Option(None, help="denoising steps (default: generation.steps)"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: generation.guidance)"),
+    size: int | None = typer.Option(None, help="image side in px (default: the model's)"),
+    seed: int | None = typer.Option(None, help="seed of the first image; image k uses seed + k"),
+    num_images: int | None = typer.Option(None, "--num-images", "-n", help="images to make"),
+    init_image: str | None = typer.Option(None, help="img2img: a local path or s3:// URI"),
+    strength: float | None = typer.Option(None, help="img2img: 0 keeps the init image, 1 ignores it"),
+    priority: int = typer.Option(0, help="higher goes first"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
+):
+    """Add one prompt (unset parameters take the generation defaults)."""
+    from pipeline.prompt_store import parse_prompt
+
+    st, gc = _open_prompt_store(store, config)
+    raw = {"text": text, "negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
+           "guidance": guidance, "size": size, "seed": seed, "num_images": num_images, "init_image": init_image,
+           "strength": strength, "priority": priority}
+    (pid,) = st.add([parse_prompt({k: v for k, v in raw.items() if v is not None}, gc)], check=gc)
+    out.print(f"added prompt {pid} to {st.url}")
+
+
+@prompts_app.command("import")
+@user_errors
+def prompts_import(
+    file: Path = typer.Argument(..., help=".jsonl (one JSON object per line) or .csv (header row); field `text` "
+                                "plus any of negative_prompt, sampler, steps, guidance, size, seed, num_images, "
+                                "init_image, strength, priority"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
+):
+    """Add every good record of a file; bad records are listed with their line and left out (exit 1 if any)."""
+    from pipeline.prompt_store import import_file
+
+    st, gc = _open_prompt_store(store, config)
+    result = import_file(st, file, gc)
+    ids = result["ids"]
+    span = f" (ids {ids[0]}..{ids[-1]})" if ids else ""
+    out.print(f"added {result['added']} prompts{span} to {st.url}")
+    for r in result["rejected"]:
+        err.print(f"line {r['line']}: {escape(r['reason'])}", highlight=False)
+    if result["rejected"]:
+        err.print(f"{len(result['rejected'])} records rejected")
+        raise typer.Exit(1)
+
+
+@prompts_app.command("list")
+@user_errors
+def prompts_list(
+    status: str | None = typer.Option(None, help="pending | done | failed | skipped"),
+    limit: int | None = typer.Option(None, min=1),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
+):
+    """Prompts with their parameters and the status of their latest generation run."""
+    from rich.table import Table
+
+    st, _ = _open_prompt_store(store, config)
+    rows = st.prompts(status=status, limit=limit)
+    if as_json:
+        for p in rows:
+            print(json.dumps({"id": p.id, "text": p.text, **p.params(), "negative_prompt": p.negative_prompt,
+                              "priority": p.priority, "status": p.status, "reason": p.reason,
+                              "created_at": p.created_at.isoformat() if p.created_at else None}))
+        return
+    table = Table(title=f"{len(rows)} prompts in {st.url}")
+    for col in ("id", "text", "params", "prio", "status"):
+        table.add_column(col)
+    for p in rows:
+        params = f"{p.sampler} {p.steps} g{p.guidance} seeds {p.seed}..{p.seed + p.num_images - 1}"
+        if p.init_image_uri:
+            params += f" init {p.init_image_uri} s{p.strength}"
+        st_text = p.status + (f": {p.reason}" if p.reason else "")
+        table.add_row(str(p.id), escape(p.text[:80]), escape(params), str(p.priority), escape(st_text))
+    out.print(table)
+
+
+@prompts_app.command("retry")
+@user_errors
+def prompts_retry(
+    ids: list[int] | None = typer.Argument(None, help="prompt ids (default: every failed or skipped prompt)"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
+):
+    """Let the next `diffuse generate` try failed/skipped prompts again (after fixing an init image, say)."""
+    st, _ = _open_prompt_store(store, config)
+    out.print(f"{st.retry(ids or None)} prompts are pending again")
+
+
+@prompts_app.command("migrate")
+@user_errors
+def prompts_migrate(
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
+):
+    """Create or upgrade the store's schema to the newest migration (opening the store does this too)."""
+    from pipeline.config import GenerationConfig, load_section
+    from pipeline.prompt_store import store_url
+    from pipeline.prompt_store.store import _engine, migrate
+
+    engine = _engine(store_url(load_section(config, "generation", GenerationConfig), store))
+    before, after = migrate(engine)
+    url = engine.url.render_as_string(hide_password=True)
+    out.print(f"{url}: schema at {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+
+
+@app.command()
+@user_errors
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION or a model dir"),
+    shard: str = typer.Option("0/1", help="I/N: only the pending prompts of shard I (0-based) of N"),
+    limit: int | None = typer.Option(None, min=1, help="at most K prompts (highest priority first)"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    artifacts: str | None = typer.Option(None, "--artifacts", help="artifact root: folder or s3://BUCKET/PREFIX "
+                                         "(default: generation.artifact_root)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
+    run_id: str | None = typer.Option(None, help="generation run id (default: a new one)"),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)"),
+):
+    """Turn every pending prompt into images with one model version, exactly once: re-running skips what is
+    done. Writes ARTIFACT_ROOT/runs/RUN_ID/{manifest.jsonl,summary.json,gallery.html} and logs them to MLflow.
+    Exit 0: all done; 1: some prompts failed (listed; the others are done); 2: nothing ran (bad input)."""
+    from pipeline.generation import generate_shard, version_label, write_gallery
+
+    s = generate_shard(model, shard, store_url=store, artifact_root=artifacts, run_id=run_id, limit=limit,
+                       config=config, device=device)
+    m = s["model"]
+    out.print(f"model {m['requested']} -> {m['name']} {version_label(m['version'])}; shard {s['shard']}: "
+              f"{s['prompts']} pending "
+              f"prompts, {s['images']} images made ({s['images_already_done']} existed), {s['done']} prompts done "
+              f"in {s['seconds']:.1f} s ({s['images_per_second']:.2f} img/s)", highlight=False)
+    cov = s["coverage"]
+    if cov:
+        note = f" (not scored: {cov['unavailable']})" if cov.get("unavailable") else ""
+        out.print(f"coverage ({cov['policy']}, threshold {cov['threshold']}): {cov['counts']}{note}", highlight=False)
+    from pipeline.artifacts import StorageUnavailable
+
+    gallery_error = None
+    try:
+        g = write_gallery(s["run_id"], store_url=store, artifact_root=artifacts, config=config, summaries=[s])
+        out.print(f"gallery: {g['gallery']}\nmanifest: {g['manifest']}\nMLflow: {g['mlflow']}"
+                  + (f" (run {g['mlflow_run_id']})" if g.get("mlflow_run_id") else ""), highlight=False)
+    except StorageUnavailable as e:  # the images and their rows are in place; only the run's record is missing
+        gallery_error = f"manifest and gallery not written: {e} (later: pipeline.generation.write_gallery)"
+    for f in s["skipped"]:
+        out.print(f"skipped prompt {f['prompt_id']}: {escape(f['reason'])}", highlight=False)
+    for f in s["failed"]:
+        err.print(f"[red]failed[/] prompt {f['prompt_id']} ({f['kind']}): {escape(f['reason'])}", highlight=False)
+    if s["failed"]:
+        err.print(f"{len(s['failed'])} prompts failed; the others are done (rerun to retry transient failures, "
+                  "`diffuse prompts retry` for the rest)")
+    if gallery_error:
+        err.print(f"[red]error:[/] {escape(gallery_error)}", highlight=False)
+    if s["failed"] or gallery_error:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -16,10 +16,92 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    path: Path = Field(description="imagefolder with metadata.jsonl (file_name + caption column)")
+    path: Path = Field(description="prepared dataset (diffuse data ingest) or imagefolder with metadata.jsonl")
     caption_column: str = "text"
     label_column: str | None = Field(None, description="class label column, for encoder: category")
     resolution: int = Field(32, ge=8, le=1024)
+    random_flip: bool = Field(False, description="mirror images left-right at random (off when captions say "
+                              "left/right)")
+    loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes reading the shards")
+    prepared_cache: Path = Field(Path(".cache/prepared"), description="where a raw imagefolder is ingested once")
+
+
+class IngestConfig(_Strict):
+    """`diffuse data ingest`: what makes an item unusable, and how the prepared dataset is laid out."""
+
+    max_pixels: int = Field(89_478_485, ge=1, description="larger images are refused (decompression bombs)")
+    min_size: int = Field(16, ge=1, description="images with a shorter side are refused")
+    max_caption_chars: int = Field(1000, ge=1)
+    near_duplicate_distance: int = Field(4, ge=0, le=16, description="perceptual-hash bits that may differ")
+    near_duplicates: Literal["quarantine", "flag"] = Field(
+        "quarantine", description="quarantine near duplicates, or keep them flagged (near_duplicate_of)")
+    eval_fraction: float = Field(0.02, ge=0, lt=1, description="share of items held out for evaluation")
+    shard_mb: int = Field(256, ge=1, le=4096, description="largest image shard, MB")
+    workers: int | None = Field(None, ge=1, description="decode processes; default: all cores")
+    chunk_size: int = Field(2048, ge=1, description="items decoded per batch of work (bounds memory)")
+
+
+# `diffuse data validate` checks and whether a failure stops the pipeline by default (hard: exit 1) or warns (soft)
+VALIDATION_CHECKS = {
+    "ids_present": "hard", "ids_unique": "hard", "captions_present": "hard", "captions_not_blank": "hard",
+    "caption_length": "hard", "image_caption_pairs_unique": "hard", "split_values": "hard",
+    "shard_rows_unique": "hard", "item_count": "hard", "shards_match_manifest": "hard", "resolution": "hard",
+    "image_shape": "hard", "quarantine_rate": "hard", "exact_duplicate_rate": "soft",
+    "near_duplicate_rate": "soft", "near_constant_share": "soft", "caption_vocabulary": "soft",
+}
+
+
+class ValidationConfig(_Strict):
+    """The data gate of `diffuse data validate` (pipeline/validate.py): thresholds and hard/soft per check."""
+
+    resolution: int | None = Field(None, ge=8, le=2048, description="expected image side; default: data.resolution "
+                                   "of the same config file, else only dataset.json and shards must agree")
+    min_items: int = Field(1, ge=1)
+    caption_min_chars: int = Field(1, ge=0)
+    caption_max_chars: int = Field(1000, ge=1)
+    max_quarantine_rate: float = Field(0.05, ge=0, le=1, description="share of source items quarantined as "
+                                       "unusable (duplicates are counted by their own rates)")
+    max_exact_duplicate_rate: float = Field(0.1, ge=0, le=1, description="share of source items that repeat an "
+                                            "earlier (image bytes, caption) pair")
+    max_near_duplicate_rate: float = Field(0.1, ge=0, le=1, description="share of source items with a "
+                                           "perceptual-hash near duplicate (quarantined or flagged)")
+    near_constant_std: float = Field(2.0, ge=0, description="an image whose pixel std (0..255) is below this "
+                                     "is near-constant (blank)")
+    max_near_constant_share: float = Field(0.01, ge=0, le=1)
+    min_caption_vocabulary: int = Field(10, ge=0, description="distinct lower-case words over all captions")
+    severity: dict[str, Literal["hard", "soft", "off"]] = Field(
+        {}, description="per check: hard (exit 1), soft (warn) or off; defaults: " +
+        ", ".join(f"{k}={v}" for k, v in VALIDATION_CHECKS.items()))
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = sorted(set(self.severity) - set(VALIDATION_CHECKS))
+        if unknown:
+            raise ValueError(f"unknown checks in validation.severity: {unknown}; known: {list(VALIDATION_CHECKS)}")
+        if self.caption_min_chars > self.caption_max_chars:
+            raise ValueError("caption_min_chars is larger than caption_max_chars")
+        return self
+
+    def severity_of(self, check: str) -> str:
+        return self.severity.get(check, VALIDATION_CHECKS[check])
+
+
+class ReportConfig(_Strict):
+    """`diffuse data report`."""
+
+    attributes: dict[str, list[str]] = Field(
+        {}, description="attribute -> values to count in captions, e.g. colour: [red, green]; shows balance")
+    clusters: int = Field(8, ge=1, le=100, description="k-means clusters of the caption embeddings")
+    top_k: int = Field(20, ge=1, le=1000)
+    contact_sheet: int = Field(64, ge=1, le=1024, description="images on the contact sheet")
+
+
+class CoverageConfig(_Strict):
+    """How close a prompt must be to the training captions to count as inside the data's span."""
+
+    # 0.7 with MiniLM: on shapes, "a red circle" scores 0.82 and the held-out "red triangle" 0.84, while an unseen
+    # shape ("a purple hexagon") scores 0.60 and "a dog on a beach" 0.21
+    threshold: float = Field(0.7, ge=-1, le=1, description="cosine similarity to the nearest training caption")
 
 
 class ContextConfig(_Strict):
@@ -103,14 +185,126 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
 
 
+class TrackingConfig(_Strict):
+    """MLflow tracking of `diffuse train` (pipeline/mlflow_tracking.py)."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else "
+                            "sqlite:///mlflow.db in the working directory")
+    artifact_location: str | None = Field(None, description="artifact root of a new experiment on a local "
+                                          "backend; default: mlartifacts/ beside the sqlite file. A server "
+                                          "decides itself.")
+    experiment: str = Field("diffuse", min_length=1)
+    sample_every: int = Field(250, ge=0, description="steps between sample grids (EMA weights) logged to the "
+                              "run; 0 = none")
+    sample_prompts: list[str] | None = Field(None, description="prompts of the sample grid; default: 8 spread-out "
+                                             "training captions")
+    sample_steps: int = Field(20, ge=1, le=1000)
+    retries: int = Field(3, ge=0, le=20, description="tries after the first when the tracking server fails")
+    backoff_seconds: float = Field(1.0, ge=0, description="wait before retry k: backoff_seconds * 2^k")
+    timeout_seconds: float = Field(10.0, gt=0, description="per HTTP request to a tracking server")
+
+
+class EvaluationConfig(_Strict):
+    """The fixed evaluation protocol of `diffuse evaluate` / `diffuse promote` (pipeline/evaluation.py)."""
+
+    data: Path | None = Field(None, description="dataset with the held-out items and the training images for "
+                              "the copy rate; default: the model's training data")
+    num_items: int = Field(256, ge=1, description="held-out items for the denoising MSE")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="plain imagefolder (no split column): the "
+                                 "fixed hashed share of items used as held-out")
+    timestep_buckets: int = Field(4, ge=1, le=100, description="denoising MSE per equal range of timesteps")
+    prompts: list[str] | None = Field(None, description="fixed prompt set; default: the shapes prompt set when "
+                                      "the shapes scorer applies, else held-out captions")
+    num_prompts: int = Field(64, ge=1, description="prompts taken from held-out captions (no prompt set)")
+    shapes_per_pair: int = Field(4, ge=1, description="shapes prompt set: prompts per colour x shape pair")
+    shapes_scorer: Literal["auto", "on", "off"] = Field("auto", description="auto: when the data is shapes data")
+    seed: int = Field(0, description="image k of the prompt set uses seed + k")
+    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(4.0, ge=0, le=50)
+    copy_threshold: float = Field(0.02, ge=0, description="a generated image is a copy when its RMS pixel "
+                                  "distance (0..1 scale, at copy_resolution) to a training image is below this")
+    copy_resolution: int = Field(16, ge=4, le=128)
+    inception_path: Path | None = Field(None, description="local TorchScript Inception feature extractor "
+                                        "(e.g. clean-fid's inception-2015-12-05.pt) for FID/KID; absent: skipped")
+    clip_path: Path | None = Field(None, description="local CLIP model directory (transformers) for CLIP "
+                                   "score; absent: skipped")
+
+
+PROMOTION_METRICS = ("denoise_mse", "adherence", "copy_rate", "fid", "kid", "clip_score")
+
+
+class PromotionConfig(_Strict):
+    """The gate of `diffuse promote`: absolute bars, then margins over the current champion."""
+
+    max_denoise_mse: float | None = Field(0.5, description="bar on the mean epsilon-MSE (predicting zero "
+                                          "noise scores 1.0); null = no bar")
+    min_adherence: float | None = Field(0.5, description="bar on shapes colour+shape adherence (checked when "
+                                        "the scorer applies)")
+    max_copy_rate: float | None = 0.5
+    max_fid: float | None = None
+    max_kid: float | None = None
+    min_clip_score: float | None = None
+    margins: dict[str, float] = Field(
+        {"denoise_mse": 0.0, "adherence": 0.0},
+        description="the challenger must beat the champion by at least this much on each metric "
+        "(0 = not worse); metrics: " + ", ".join(PROMOTION_METRICS),
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = sorted(set(self.margins) - set(PROMOTION_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metrics in promotion.margins: {unknown}; known: {list(PROMOTION_METRICS)}")
+        return self
+
+
+class GenerationConfig(_Strict):
+    """Batch generation from the prompt store (`diffuse prompts ...`, `diffuse generate`; pipeline/generation.py).
+    The sampler/steps/guidance/... values are the defaults a prompt gets when it is added without them."""
+
+    store_url: str | None = Field(None, description="prompt store, a SQLAlchemy URL (sqlite:///FILE or "
+                                  "postgresql://USER@HOST/DB); default: $DIFFUSE_PROMPT_STORE, else "
+                                  "sqlite:///prompts.db in the working directory")
+    artifact_root: str = Field("outputs", description="where images, manifests and galleries go: a local folder "
+                               "or s3://BUCKET/PREFIX (boto3, standard AWS_* environment)")
+    batch_size: int = Field(32, ge=1, le=4096, description="images sampled together (compatible prompts only)")
+    coverage_policy: Literal["flag", "skip"] = Field(
+        "flag", description="prompts outside the training data's span (coverage.threshold): flag = generate and "
+        "flag them; skip = do not generate them")
+    retries: int = Field(3, ge=0, le=20, description="tries after the first when the artifact store fails")
+    backoff_seconds: float = Field(0.5, ge=0, description="wait before retry k: backoff_seconds * 2^k")
+    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(4.0, ge=0, le=50)
+    strength: float = Field(0.6, ge=0, le=1, description="img2img: 0 keeps the init image, 1 ignores it")
+    num_images: int = Field(1, ge=1, description="images per prompt (seeds seed .. seed+num_images-1)")
+    seed: int = Field(0, ge=0)
+    max_images_per_prompt: int = Field(64, ge=1)
+    max_prompt_chars: int = Field(1000, ge=1, description="longer prompts are refused (also: longer than the "
+                                  "model's text encoder takes)")
+    experiment: str = Field("generation", min_length=1, description="MLflow experiment of the generation runs")
+    thumbnail_px: int = Field(128, ge=16, le=1024, description="gallery thumbnails (embedded in the HTML)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+
+
 class Config(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 0
     data: DataConfig
+    ingest: IngestConfig = IngestConfig()
+    report: ReportConfig = ReportConfig()
+    coverage: CoverageConfig = CoverageConfig()
+    validation: ValidationConfig = ValidationConfig()
     context: ContextConfig = ContextConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    generation: GenerationConfig = GenerationConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -136,7 +330,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: Path, overrides: dict | None = None) -> Config:
+def _read_yaml(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -146,6 +340,21 @@ def load_config(path: Path, overrides: dict | None = None) -> Config:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (data, model, train, ...) at the top")
+    return raw
+
+
+def load_section(path: Path | None, section: str, model: type[BaseModel]):
+    """One section of a config file (e.g. `validation` for `diffuse data validate`); defaults without a file."""
+    raw = _read_yaml(path).get(section) if path is not None else None
+    try:
+        return model.model_validate(raw or {})
+    except ValidationError as e:
+        err = format_validation_error(e, str(path))
+        raise UserError(err.replace("\n  - ", f"\n  - {section}.")) from None
+
+
+def load_config(path: Path, overrides: dict | None = None) -> Config:
+    raw = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

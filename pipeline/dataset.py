@@ -1,75 +1,144 @@
-"""Load an image-text imagefolder (metadata.jsonl + images) into memory as one uint8 tensor.
+"""Training data for the trainer: a prepared dataset (shards + manifest, see pipeline/prepared.py) read through a
+torch DataLoader that keeps the training loop fed.
 
-Images are decoded once per training process, never per step. A bad item is skipped with its reason;
-the rest load.
+`data.path` may also be a raw imagefolder: it is ingested once into a prepared dataset under
+`data.prepared_cache` (keyed by its content and the ingest settings), so there is one way images are decoded
+and checked. Only rows of the `train` split are used; `eval` rows are held out for evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.distributed import WHOLE, Part
 from pipeline.errors import UserError
+from pipeline.prepared import PreparedDataset, is_prepared, open_prepared
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ImageTextSet:
-    images: torch.Tensor  # (N, 3, R, R) uint8
-    captions: list[str]
-    labels: list[str] | None = None
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
 def to_square(img: Image.Image, resolution: int) -> Image.Image:
-    """EXIF orientation, RGB, shorter side to `resolution`, centre crop."""
+    """EXIF orientation, RGB, shorter side to `resolution`, centre crop (for init images at sampling time)."""
     img = ImageOps.exif_transpose(img).convert("RGB")
     if img.size != (resolution, resolution):
         img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
     return img
 
 
-def load_imagefolder(path: Path, resolution: int, caption_column: str = "text",
-                     label_column: str | None = None) -> ImageTextSet:
-    path = Path(path)
-    meta = path / "metadata.jsonl"
+class ShardImages(torch.utils.data.Dataset):
+    """Train-split images of a prepared dataset, fetched a batch at a time from memory-mapped shards."""
+
+    def __init__(self, ds: PreparedDataset, rows: np.ndarray):
+        self.ds, self.rows = ds, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self.ds.images(self.rows[np.asarray(idx)])  # (B, R, R, 3) uint8
+        return torch.as_tensor(idx), torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
+@dataclass
+class TrainingData:
+    images: ShardImages
+    captions: list[str]
+    labels: list[str] | None
+    dataset: PreparedDataset
+
+    @property
+    def version(self) -> str:
+        return self.dataset.version
+
+
+def open_training_data(data_cfg, ingest_cfg) -> TrainingData:
+    path = Path(data_cfg.path)
+    if not is_prepared(path):
+        path = _ingest_cached(data_cfg, ingest_cfg)
+    ds = open_prepared(path)
+    if ds.resolution != data_cfg.resolution:
+        raise UserError(f"{path} was prepared at {ds.resolution} px but data.resolution is {data_cfg.resolution}: "
+                        f"set data.resolution: {ds.resolution} or re-ingest with --resolution {data_cfg.resolution}")
+    m = ds.manifest
+    rows = np.flatnonzero((m["split"] == "train").to_numpy())
+    if not len(rows):
+        raise UserError(f"{path}: no items in the train split")
+    labels = None
+    if data_cfg.label_column:
+        if m["label"].isna().iloc[rows].any():
+            raise UserError(f"{path}: some items have no label; ingest with --label-column {data_cfg.label_column}")
+        labels = m["label"].iloc[rows].tolist()
+    return TrainingData(ShardImages(ds, rows), m["caption"].iloc[rows].tolist(), labels, ds)
+
+
+def _ingest_cached(data_cfg, ingest_cfg) -> Path:
+    from pipeline.ingest import ingest
+
+    src = Path(data_cfg.path)
+    meta = src / "metadata.jsonl"
     if not meta.is_file():
-        raise UserError(f"{path}: no metadata.jsonl. A dataset is a folder of images plus metadata.jsonl with "
-                        f"'file_name' and '{caption_column}' on each line (make one with `diffuse data shapes`).")
-    arrays, captions, labels, skipped = [], [], [], []
-    root = path.resolve()
-    for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            name = rec["file_name"]
-            text = rec.get(caption_column)
-            if not isinstance(text, str):
-                raise ValueError(f"no '{caption_column}' text")
-            file = (path / name).resolve()
-            if not file.is_relative_to(root):
-                raise ValueError(f"file_name {name!r} points outside the dataset")
-            with Image.open(file) as im:
-                arrays.append(np.asarray(to_square(im, resolution)))
-            captions.append(text)
-            if label_column:
-                labels.append(str(rec.get(label_column, "")))
-        except Exception as e:  # one bad record never stops the rest
-            skipped.append((f"metadata.jsonl line {n}", str(e)))
-    if skipped:
-        log.warning("skipped %d bad items, e.g. %s: %s", len(skipped), *skipped[0])
-    if not arrays:
-        raise UserError(f"{path}: no usable image-caption pairs ({len(skipped)} bad items)")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageTextSet(images, captions, labels if label_column else None, skipped)
+        raise UserError(f"{src}: no metadata.jsonl and not a prepared dataset. A dataset is a folder of images "
+                        f"plus metadata.jsonl with 'file_name' and '{data_cfg.caption_column}' on each line (make "
+                        "one with `diffuse data shapes`), or the output of `diffuse data ingest`.")
+    h = hashlib.sha256(meta.read_bytes())
+    for f in sorted(src.iterdir()):  # a changed image file invalidates the cache too
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([data_cfg.resolution, data_cfg.caption_column, data_cfg.label_column,
+                         ingest_cfg.model_dump(mode="json")]).encode())
+    out = Path(data_cfg.prepared_cache) / f"{src.name}-{h.hexdigest()[:16]}"
+    if not is_prepared(out):
+        log.info("ingesting %s into %s (once; later runs reuse it)", src, out)
+        info = ingest(str(src), out, data_cfg.resolution, ingest_cfg, caption_column=data_cfg.caption_column,
+                      label_column=data_cfg.label_column, progress=False)
+        if info["num_quarantined"]:
+            log.warning("%d items quarantined (reasons in %s/quarantine.jsonl)", info["num_quarantined"], out)
+    return out
+
+
+class _BatchStream(torch.utils.data.Sampler):
+    """Index batches of the training stream from sample position `start` on, forever. Under DDP each rank
+    keeps its share of every global batch (`part`), so it reads only its own slice of the shards."""
+
+    def __init__(self, n: int, seed: int, start: int, batch_size: int, part: Part = WHOLE):
+        self.n, self.seed, self.start, self.batch_size, self.part = n, seed, start, batch_size, part
+
+    def __iter__(self):
+        pos = self.start
+        while True:
+            yield self.part.take(batch_indices(self.n, self.seed, pos, self.batch_size)).tolist()
+            pos += self.batch_size
+
+
+def _as_batch(batch):
+    return batch  # __getitems__ already returns (indices, images)
+
+
+def batch_loader(images: ShardImages, seed: int, start: int, batch_size: int, workers: int, pin_memory: bool,
+                 part: Part = WHOLE):
+    """An endless iterator of (indices, uint8 images) following `batch_indices`, so a resumed run sees the same
+    batches. Worker processes read the shards ahead of the training step. `batch_size` is the global batch."""
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=_BatchStream(len(images), seed, start, batch_size, part), collate_fn=_as_batch,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+    return iter(loader)
+
+
+def random_flip(x: torch.Tensor, seed: int, position: int, part: Part = WHOLE) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2, decided by (seed, stream position): reproducible.
+    `position` is the global batch's; under DDP x is this rank's share of it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + position + 1)
+    flip = (part.take(torch.rand(x.shape[0] * part.world, generator=g)) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def batch_indices(n: int, seed: int, start: int, size: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.distributed import WHOLE, Part
 from pipeline.encoders import ContextBatch
 from pipeline.network import ModelSpec, denoise
 
@@ -27,11 +28,15 @@ def loss_weight(scheduler, t: torch.Tensor, weighting: str, gamma: float) -> tor
 
 
 def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: ContextBatch,
-                   generator: torch.Generator, weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
-    """One noise-prediction loss on a batch of clean images x0 in [-1, 1]."""
-    b = x0.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                   generator: torch.Generator, weighting: str = "none", gamma: float = 5.0,
+                   part: Part = WHOLE) -> torch.Tensor:
+    """One noise-prediction loss on a batch of clean images x0 in [-1, 1].
+
+    Under DDP x0 is this rank's share of the global batch: t and noise are drawn for the whole global batch
+    and `part` keeps this rank's rows, so the numbers do not depend on the world size (pipeline/distributed.py)."""
+    b = x0.shape[0] * part.world
+    t = part.take(torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)).to(x0.device)
+    noise = part.take(torch.randn((b, *x0.shape[1:]), generator=generator)).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)  # sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise
     pred = denoise(unet, spec, x_t, t, ctx)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
@@ -39,8 +44,10 @@ def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: Cont
     return (loss_weight(scheduler, t, weighting, gamma) * mse).mean()
 
 
-def cfg_dropout(caption_rows: torch.Tensor, p: float, null_row: int, generator: torch.Generator) -> torch.Tensor:
+def cfg_dropout(caption_rows: torch.Tensor, p: float, null_row: int, generator: torch.Generator,
+                part: Part = WHOLE) -> torch.Tensor:
     """Per sample, with probability p, swap the caption for the null (empty-prompt) embedding row.
-    Drawn afresh at every step from the training generator, so which samples drop changes each step."""
-    drop = torch.rand(caption_rows.shape, generator=generator) < p
+    Drawn afresh at every step from the training generator, so which samples drop changes each step
+    (for the whole global batch under DDP; `part` keeps this rank's rows)."""
+    drop = part.take(torch.rand((caption_rows.shape[0] * part.world,), generator=generator)) < p
     return torch.where(drop, torch.full_like(caption_rows, null_row), caption_rows)

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline import distributed
 from pipeline.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
-from pipeline.dataset import batch_indices, load_imagefolder
+from pipeline.dataset import batch_loader, open_training_data, random_flip
 from pipeline.encoders import EmbeddingCache, build_encoder, context_stats, standardize
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.model_dir import save_model
@@ -89,15 +90,17 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     """Train per `cfg`; returns the final model directory (run_dir/model)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
+    part = distributed.setup(t.batch_size)  # under torchrun: this rank's share; else the whole batch
     if not resume and checkpoint_dirs(run_dir):
         if not overwrite:
             raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
                             "--overwrite to start again (its checkpoints, metrics and model are deleted)")
-        for stale in ("checkpoints", "model", "metrics.jsonl"):
+        for stale in ("checkpoints", "model", "metrics.jsonl") if part.is_main else ():
             path = run_dir / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    part.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device(part)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if device.type == "cuda":
@@ -105,11 +108,13 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     jsonl = JsonlLogger(run_dir)
-    logger = Loggers(jsonl, *([logger] if logger else []))
+    sample_every = cfg.tracking.sample_every if logger and part.is_main else 0  # grids only for a tracking logger
+    logger = Loggers(jsonl, *([logger] if logger else [])) if part.is_main else Loggers()  # rank 0 logs
 
-    # data and context: images decoded once, captions encoded once
-    data = load_imagefolder(cfg.data.path, cfg.data.resolution, cfg.data.caption_column, cfg.data.label_column)
-    encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
+    # data and context: images decoded once, captions encoded once (rank 0 first: it fills the disk caches)
+    with part.main_first():
+        data = open_training_data(cfg.data, cfg.ingest)
+        encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
     stats = context_stats(table) if cfg.context.standardize and table.tokens is not None else None
     table = standardize(table, stats)
     table = type(table)(*[None if a is None else a.to(device) for a in table.astuple()])
@@ -130,7 +135,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     generator = torch.Generator().manual_seed(cfg.seed)  # all training randomness: t, noise, CFG dropout
     step = 0
 
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = distributed.checkpoint_visible(part, latest_checkpoint(run_dir)) if resume else None
     if resume and ckpt is None:
         log.warning("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
     if ckpt is not None:
@@ -143,19 +148,24 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
-        jsonl.truncate_after(step)
+        if part.is_main:
+            jsonl.truncate_after(step)
         log.info("resumed from %s (step %d)", ckpt, step)
     else:
-        logger.log_params({"config": cfg.model_dump(mode="json"), "num_items": n,
-                           "skipped_items": len(data.skipped), "parameters": sum(p.numel() for p in unet.parameters())})
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        logger.log_params({"config": cfg.model_dump(mode="json"), "num_items": n, "dataset_version": data.version,
+                           "parameters": sum(p.numel() for p in unet.parameters())})
+    if part.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    model = torch.compile(unet) if t.compile else unet
+    ddp = distributed.wrap(unet, part)  # the unet itself in a single process
+    model = torch.compile(ddp) if t.compile else ddp
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     samples_per_step = t.batch_size * t.grad_accum
     last_good = ckpt
 
     def checkpoint() -> Path:
+        if not part.is_main:
+            return part.from_main(None)  # waits until rank 0 has written it
         state = {
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
             "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
@@ -165,22 +175,27 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         names = [k for k, _ in unet.named_parameters()]
         ema_sd = {k: p.detach().cpu() for k, p in zip(names, ema.shadow_params, strict=True)}
         unet_sd = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-        return save_checkpoint(run_dir, step, unet_sd, ema_sd, state, t.keep_last)
+        return part.from_main(save_checkpoint(run_dir, step, unet_sd, ema_sd, state, t.keep_last))
 
-    bar = _progress(t.max_steps, step, progress)
+    batches = batch_loader(data.images, cfg.seed, step * samples_per_step, t.batch_size, cfg.data.loader_workers,
+                           pin_memory=device.type == "cuda", part=part)
+    bar = _progress(t.max_steps, step, progress and part.is_main)
     tick, tick_step = time.perf_counter(), step
     while step < t.max_steps:
         for micro in range(t.grad_accum):
-            idx = batch_indices(n, cfg.seed, step * samples_per_step + micro * t.batch_size, t.batch_size)
-            x0 = data.images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            idx, pixels = next(batches)  # the stream's samples step * samples_per_step + micro * batch_size + ...
+            x0 = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            if cfg.data.random_flip:
+                x0 = random_flip(x0, cfg.seed, step * samples_per_step + micro * t.batch_size, part)
             if t.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator)
-            with torch.autocast(**autocast):
-                loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
-                                      cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma)
-            (loss / t.grad_accum).backward()
-        loss_value = loss.item()
+            rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator, part)
+            with distributed.accumulating(ddp, last_micro_batch=micro == t.grad_accum - 1):
+                with torch.autocast(**autocast):
+                    loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
+                                          cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma, part)
+                (loss / t.grad_accum).backward()
+        loss_value = part.mean(loss)  # the global batch's loss: every rank takes the same decisions below
         if not math.isfinite(loss_value):
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
@@ -202,11 +217,17 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             last_good = checkpoint()
+        if sample_every and (step % sample_every == 0 or step == t.max_steps):
+            from pipeline.train_samples import log_sample_grid
+
+            log_sample_grid(cfg, step, unet, ema, scheduler, spec, data.captions, logger)
     bar.close()
 
+    if not part.is_main:
+        return part.from_main(None)  # waits for rank 0's model
     ema.copy_to(unet.parameters())  # the shipped model carries the EMA weights
     unet = unet.to(memory_format=torch.contiguous_format)
-    return save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json"))
+    return part.from_main(save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json")))
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -1,0 +1,556 @@
+"""`diffuse data ingest`: image-text sources -> a prepared dataset version (see pipeline/prepared.py).
+
+Sources: an imagefolder with metadata.jsonl, a CSV (path + caption), WebDataset .tar shards, or an s3:// prefix
+holding any of these. Images are decoded once, in parallel, into uint8 shards; every item that cannot be used
+goes to quarantine.jsonl with its reason, and the rest are kept. Same input -> byte-identical output.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import s3
+from pipeline.config import IngestConfig
+from pipeline.errors import UserError
+from pipeline.prepared import SHARD_PATTERN, compute_version, manifest_schema
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+CAPTION_COLUMNS = ("text", "caption")  # tried in this order when no caption column is given
+PATH_COLUMNS = ("file_name", "path", "image", "file")
+
+
+@dataclass
+class RawItem:
+    """One source item before decoding. `error` set: the item could not even be read (kind, reason)."""
+
+    key: str  # what the user sees: relative path, s3:// URI or archive.tar#member
+    caption: object = None
+    label: str | None = None
+    data: bytes | None = None
+    error: tuple[str, str] | None = None
+
+
+class Quarantined(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------- sources
+
+
+class LocalFiles:
+    """Files under a local root; names that escape it (.., absolute, symlinks outside) are refused."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._real = self.root.resolve()
+
+    def label(self, name: str) -> str:
+        return name
+
+    def read(self, name: str) -> bytes:
+        if not name or os.path.isabs(name) or name.startswith(("/", "\\")):
+            raise Quarantined("unsafe_path", f"file_name {name!r} is absolute; it must be relative to the dataset")
+        path = self.root / name
+        if not path.resolve().is_relative_to(self._real):
+            raise Quarantined("unsafe_path", f"file_name {name!r} points outside the dataset root "
+                                             "(.. or a symlink); copy the file into the dataset")
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise Quarantined("missing_file", f"file not found: {name}") from None
+        except IsADirectoryError:
+            raise Quarantined("missing_file", f"{name} is a directory, not an image file") from None
+        except OSError as e:
+            raise Quarantined("unreadable_file", f"cannot read {name}: {e.strerror or e}") from None
+
+
+class S3Files:
+    def __init__(self, prefix_uri: str):
+        self.prefix = prefix_uri.rstrip("/")
+
+    def label(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def read(self, name: str) -> bytes:
+        norm = posixpath.normpath(name) if name else ""
+        if not name or name.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise Quarantined("unsafe_path", f"file_name {name!r} escapes the dataset prefix {self.prefix}")
+        uri = f"{self.prefix}/{norm}"
+        try:
+            return s3.read_bytes(uri)
+        except UserError as e:
+            kind = "missing_file" if "NoSuchKey" in str(e) or "404" in str(e) else "unreadable_file"
+            raise Quarantined(kind, str(e)) from None
+
+
+def _pick_column(columns, wanted: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise UserError(f"{where}: no '{wanted}' {what} column (columns: {', '.join(map(str, columns))})")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    raise UserError(f"{where}: no {what} column; expected one of {', '.join(candidates)} "
+                    f"(columns: {', '.join(map(str, columns))}); name it with --caption-column")
+
+
+def imagefolder_items(meta: bytes, files, caption_column: str | None, label_column: str | None,
+                      where: str) -> Iterator[RawItem]:
+    """HuggingFace imagefolder: one JSON object per line with file_name and a caption column."""
+    for n, raw in enumerate(meta.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        key = f"metadata.jsonl line {n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawItem(key, error=("bad_metadata", f"not UTF-8 text ({e.reason} at byte {e.start}); "
+                                                      "re-save metadata.jsonl as UTF-8"))
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield RawItem(key, error=("bad_metadata", f"malformed JSON ({e.msg}, column {e.colno})"))
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
+            yield RawItem(key, error=("bad_metadata", "expected a JSON object with a 'file_name' string"))
+            continue
+        col = caption_column or next((c for c in CAPTION_COLUMNS if c in rec), CAPTION_COLUMNS[0])
+        name = rec["file_name"]
+        label = rec.get(label_column) if label_column else None
+        try:
+            yield RawItem(files.label(name), rec.get(col), None if label is None else str(label), files.read(name))
+        except Quarantined as q:
+            yield RawItem(files.label(name), error=(q.kind, str(q)))
+
+
+def csv_items(text: str, files, caption_column: str | None, label_column: str | None, where: str):
+    reader = csv.DictReader(io.StringIO(text))
+    columns = reader.fieldnames or []
+    path_col = _pick_column(columns, None, PATH_COLUMNS, "image path", where)
+    cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", where)
+    for n, row in enumerate(reader, 2):
+        name = (row.get(path_col) or "").strip()
+        if None in row:  # more fields than the header
+            yield RawItem(f"{where} line {n}", error=("bad_metadata", "more fields than the header; quote captions "
+                                                                      "that contain commas"))
+            continue
+        try:
+            data = files.read(name)
+            yield RawItem(files.label(name), row.get(cap_col), row.get(label_column) if label_column else None, data)
+        except Quarantined as q:
+            yield RawItem(files.label(name) if name else f"{where} line {n}", error=(q.kind, str(q)))
+
+
+def webdataset_items(stream, archive: str, caption_column: str | None) -> Iterator[RawItem]:
+    """WebDataset: members grouped by key (name up to the first dot); an image plus .txt or .json caption."""
+
+    def finish(key: str, parts: dict[str, bytes]) -> RawItem:
+        label = f"{archive}#{key}"
+        images = sorted(ext for ext in parts if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+        caption = None
+        if "txt" in parts:
+            caption = parts["txt"].decode("utf-8", errors="strict") if _utf8(parts["txt"]) else b""
+            if caption == b"":
+                return RawItem(label, error=("bad_metadata", f"{key}.txt is not UTF-8 text"))
+        elif "json" in parts:
+            try:
+                rec = json.loads(parts["json"].decode("utf-8"))
+                col = caption_column or next((c for c in CAPTION_COLUMNS if c in rec), CAPTION_COLUMNS[0])
+                caption = rec.get(col) if isinstance(rec, dict) else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return RawItem(label, error=("bad_metadata", f"{key}.json is not valid UTF-8 JSON ({e})"))
+        if not images:
+            return RawItem(label, error=("missing_file", f"no image member for key {key} "
+                                                         f"(found: {', '.join(sorted(parts))})"))
+        return RawItem(f"{label}.{images[0]}", caption, None, parts[images[0]])
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        key, parts = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = posixpath.basename(member.name)
+            k, _, ext = base.partition(".")
+            k = posixpath.join(posixpath.dirname(member.name), k)
+            if key is not None and k != key:
+                yield finish(key, parts)
+                parts = {}
+            key = k
+            parts[ext.lower()] = tar.extractfile(member).read()
+        if key is not None:
+            yield finish(key, parts)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        yield RawItem(archive, error=("corrupt_archive", f"tar archive unreadable from here on ({e}); items "
+                                                         "before this point were kept"))
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def source_items(source: str, caption_column: str | None, label_column: str | None) -> Iterator[RawItem]:
+    """Dispatch on what SRC is: a folder, a .csv/.tar/.jsonl file, or an s3:// prefix of any of these."""
+    if s3.is_s3(source):
+        yield from _s3_items(source, caption_column, label_column)
+        return
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"source not found: {source}")
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            yield from csv_items(_read_text(path), LocalFiles(path.parent), caption_column, label_column, path.name)
+        elif path.suffix.lower() == ".tar":
+            with path.open("rb") as f:
+                yield from webdataset_items(f, path.name, caption_column)
+        elif path.name.endswith(".jsonl"):
+            yield from imagefolder_items(path.read_bytes(), LocalFiles(path.parent), caption_column, label_column,
+                                         path.name)
+        else:
+            raise UserError(f"{source}: unsupported source file; give a folder with metadata.jsonl, a .csv, "
+                            "a .tar (WebDataset) or an s3:// prefix")
+        return
+    if (path / "metadata.jsonl").is_file():
+        yield from imagefolder_items((path / "metadata.jsonl").read_bytes(), LocalFiles(path), caption_column,
+                                     label_column, "metadata.jsonl")
+        return
+    tars = sorted(path.glob("*.tar"))
+    csvs = sorted(path.glob("*.csv"))
+    if tars:
+        for t in tars:
+            with t.open("rb") as f:
+                yield from webdataset_items(f, t.name, caption_column)
+    elif len(csvs) == 1:
+        yield from csv_items(_read_text(csvs[0]), LocalFiles(path), caption_column, label_column, csvs[0].name)
+    else:
+        raise UserError(f"{source}: found no metadata.jsonl, .tar shards or a single .csv file; see "
+                        "`diffuse data ingest --help` for the supported layouts")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+
+
+def _s3_items(source: str, caption_column: str | None, label_column: str | None) -> Iterator[RawItem]:
+    if source.endswith((".csv", ".tar", ".jsonl")):
+        keys, prefix = [source], source.rsplit("/", 1)[0]
+    else:
+        prefix = source.rstrip("/")
+        keys = s3.list_keys(prefix + "/")
+        if not keys:
+            raise UserError(f"{source}: no objects under this prefix")
+    meta = f"{prefix}/metadata.jsonl"
+    if meta in keys or source.endswith(".jsonl"):
+        yield from imagefolder_items(s3.read_bytes(source if source.endswith(".jsonl") else meta), S3Files(prefix),
+                                     caption_column, label_column, "metadata.jsonl")
+        return
+    tars = [k for k in keys if k.endswith(".tar")]
+    csvs = [k for k in keys if k.endswith(".csv")]
+    if tars:
+        for t in tars:
+            yield from webdataset_items(s3.open_stream(t), t, caption_column)
+    elif csvs:
+        try:
+            text = s3.read_bytes(csvs[0]).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{csvs[0]}: not UTF-8 text ({e.reason})") from None
+        yield from csv_items(text, S3Files(prefix), caption_column, label_column, csvs[0])
+    else:
+        raise UserError(f"{source}: found no metadata.jsonl, .tar shards or .csv under this prefix")
+
+
+# ---------------------------------------------------------------- decoding (runs in worker processes)
+
+
+def prepare_image(data: bytes, resolution: int, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
+    """Bytes -> (R, R, 3) uint8 and facts about the source; Quarantined when the image is unusable."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise Quarantined("empty_file", "empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Quarantined("not_an_image", "not an image (format not recognised)") from None
+    except Exception as e:
+        raise Quarantined("corrupt", f"unreadable image header ({e})") from None
+    w, h = im.size
+    if w * h > cfg.max_pixels:
+        raise Quarantined("too_large", f"{w}x{h} = {w * h} pixels, over ingest.max_pixels ({cfg.max_pixels}); "
+                                       "a decompression bomb or an image to downscale first")
+    if min(w, h) < cfg.min_size:
+        raise Quarantined("too_small", f"{w}x{h} is smaller than ingest.min_size ({cfg.min_size} px)")
+    notes = []
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"animated: first of {frames} frames")
+    try:
+        im.seek(0)
+        orientation = im.getexif().get(0x0112, 1)
+        if im.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target
+            short = min(w, h)
+            im.draft(None, (max(1, w * resolution // short), max(1, h * resolution // short)))
+        im.load()
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
+            notes.append(f"EXIF orientation {orientation} applied")
+        im = _to_rgb(im, notes)
+        if im.size != (resolution, resolution):
+            im = ImageOps.fit(im, (resolution, resolution), Image.Resampling.BICUBIC)
+    except Quarantined:
+        raise
+    except Exception as e:
+        raise Quarantined("corrupt", f"corrupt or truncated image ({e})") from None
+    return np.asarray(im, dtype=np.uint8), {"orig_width": w, "orig_height": h, "note": "; ".join(notes) or None}
+
+
+def _to_rgb(im, notes: list[str]):
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        notes.append(f"{im.mode} scaled to 8-bit")
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        notes.append("transparency composited on white")
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    return im.convert("RGB")
+
+
+def check_caption(caption, max_chars: int) -> str:
+    if caption is None:
+        raise Quarantined("missing_caption", "no caption")
+    if not isinstance(caption, str):
+        raise Quarantined("missing_caption", f"caption is not text ({type(caption).__name__})")
+    if not caption.strip():
+        raise Quarantined("empty_caption", "caption is empty or whitespace")
+    if len(caption) > max_chars:
+        raise Quarantined("long_caption", f"caption has {len(caption)} characters, over ingest.max_caption_chars "
+                                          f"({max_chars})")
+    return " ".join(caption.split())  # newlines and runs of spaces are noise to a text encoder
+
+
+def _work(args: tuple[RawItem, int, IngestConfig]) -> dict:
+    """One item, in a worker process: a result row with the image, or a quarantine record."""
+    import imagehash
+    from PIL import Image
+
+    item, resolution, cfg = args
+    if item.error:
+        return {"item": item.key, "kind": item.error[0], "reason": item.error[1]}
+    try:
+        caption = check_caption(item.caption, cfg.max_caption_chars)
+        pixels, facts = prepare_image(item.data, resolution, cfg)
+    except Quarantined as q:
+        return {"item": item.key, "kind": q.kind, "reason": str(q)}
+    # phash works on a 32x32 grey thumbnail anyway; a fast box filter makes it here, and the statistics use it too
+    thumb = Image.fromarray(pixels).resize((32, 32), Image.Resampling.BOX)
+    small = np.asarray(thumb, dtype=np.float32)
+    return {
+        "key": item.key, "caption": caption, "label": item.label, "pixels": pixels,
+        "sha256": hashlib.sha256(item.data).hexdigest(), "phash": str(imagehash.phash(thumb)),
+        "pixel_mean": float(small.mean()), "pixel_std": float(small.std()), **facts,
+    }
+
+
+# ---------------------------------------------------------------- near-duplicate index
+
+
+class NearDuplicateIndex:
+    """64-bit perceptual hashes within Hamming distance d: split into d+1 bands, two hashes that close share at
+    least one band exactly (pigeonhole), so only hashes sharing a band are compared."""
+
+    def __init__(self, max_distance: int):
+        self.d = max_distance
+        bands = max_distance + 1
+        edges = [64 * b // bands for b in range(bands + 1)]
+        self.masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.masks]
+        self.first: dict[int, str] = {}  # hash -> id of the first kept item with it
+
+    def find(self, h: int) -> tuple[str, int] | None:
+        if h in self.first:
+            return self.first[h], 0
+        best = None
+        for mask, table in zip(self.masks, self.tables, strict=True):
+            for other in table.get(h & mask, ()):
+                dist = (h ^ other).bit_count()
+                if dist <= self.d and (best is None or dist < best[1]):
+                    best = (self.first[other], dist)
+        return best
+
+    def add(self, h: int, item_id: str) -> None:
+        if h in self.first:
+            return
+        self.first[h] = item_id
+        for mask, table in zip(self.masks, self.tables, strict=True):
+            table.setdefault(h & mask, []).append(h)
+
+
+# ---------------------------------------------------------------- writing the prepared dataset
+
+
+@dataclass
+class _Writer:
+    out: Path
+    resolution: int
+    per_shard: int
+    rows: list[dict] = field(default_factory=list)
+    buffer: list[np.ndarray] = field(default_factory=list)
+    shards: int = 0
+
+    def add(self, row: dict, pixels: np.ndarray) -> None:
+        row["shard"], row["index"] = self.shards, len(self.buffer)
+        self.rows.append(row)
+        self.buffer.append(pixels)
+        if len(self.buffer) == self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            np.save(self.out / "shards" / SHARD_PATTERN.format(self.shards), np.stack(self.buffer))
+            self.buffer, self.shards = [], self.shards + 1
+
+
+def item_id(key: str, caption: str) -> str:
+    return hashlib.sha256(f"{key}\n{caption}".encode()).hexdigest()[:16]
+
+
+def split_of(iid: str, eval_fraction: float) -> str:
+    return "eval" if int(iid[:8], 16) < eval_fraction * 16**8 else "train"
+
+
+def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None = None, *,
+           caption_column: str | None = None, label_column: str | None = None, name: str | None = None,
+           progress: bool = True) -> dict:
+    """Read `source`, write the prepared dataset to `out_dir` (replaced atomically), return its dataset.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    cfg = cfg or IngestConfig()
+    out_dir = Path(out_dir)
+    name = name or out_dir.name
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+    per_shard = max(1, cfg.shard_mb * 2**20 // (resolution * resolution * 3))
+    writer = _Writer(tmp, resolution, per_shard)
+    quarantine: list[dict] = []
+    seen: dict[tuple[str, str], str] = {}  # (image sha256, caption) -> id
+    seen_images: set[str] = set()
+    near = NearDuplicateIndex(cfg.near_duplicate_distance)
+    counts = Counter()
+    items = source_items(str(source), caption_column, label_column)
+    bar = tqdm(desc="ingest", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        with ProcessPoolExecutor(max_workers=cfg.workers or os.cpu_count()) as pool:
+            while chunk := _take(items, cfg.chunk_size):
+                for res in pool.map(_work, [(it, resolution, cfg) for it in chunk], chunksize=16):
+                    bar.update(1)
+                    if "reason" in res:
+                        quarantine.append(res)
+                        continue
+                    iid = item_id(res["key"], res["caption"])
+                    pair = (res["sha256"], res["caption"])
+                    if pair in seen:
+                        counts["exact_duplicates"] += 1
+                        quarantine.append({"item": res["key"], "kind": "duplicate",
+                                           "reason": f"exact duplicate of item {seen[pair]} (same image bytes and "
+                                                     "caption)"})
+                        continue
+                    h = int(res["phash"], 16)
+                    # the same image bytes with another caption is a second caption, not a near duplicate
+                    match = None if res["sha256"] in seen_images else near.find(h)
+                    near_of = None
+                    if match is not None:
+                        counts["near_duplicates"] += 1
+                        if cfg.near_duplicates == "quarantine":
+                            quarantine.append({"item": res["key"], "kind": "near_duplicate",
+                                               "reason": f"near duplicate of item {match[0]} (perceptual hash "
+                                                         f"distance {match[1]})"})
+                            continue
+                        near_of = match[0]
+                    seen[pair] = iid
+                    seen_images.add(res["sha256"])
+                    near.add(h, iid)
+                    writer.add({"id": iid, "caption": res["caption"], "split": split_of(iid, cfg.eval_fraction),
+                                "label": res["label"], "source_uri": res["key"], "sha256": res["sha256"],
+                                "phash": res["phash"], "orig_width": res["orig_width"],
+                                "orig_height": res["orig_height"], "pixel_mean": res["pixel_mean"],
+                                "pixel_std": res["pixel_std"], "near_duplicate_of": near_of, "note": res["note"]},
+                               res["pixels"])
+        writer.flush()
+        bar.close()
+        if not writer.rows:
+            raise UserError(f"{source}: no usable items ({len(quarantine)} quarantined, e.g. "
+                            f"{quarantine[0]['item']}: {quarantine[0]['reason']})" if quarantine
+                            else f"{source}: no items found")
+        schema = manifest_schema()
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in writer.rows], schema=schema)
+        pq.write_table(table, tmp / "manifest.parquet")
+        (tmp / "quarantine.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine))
+        info = {
+            "name": name, "version": compute_version(tmp), "resolution": resolution, "source": str(source),
+            "num_items": len(writer.rows), "num_shards": writer.shards,
+            "num_train": sum(r["split"] == "train" for r in writer.rows),
+            "num_eval": sum(r["split"] == "eval" for r in writer.rows),
+            "num_quarantined": len(quarantine),
+            "quarantined_by_kind": dict(sorted(Counter(q["kind"] for q in quarantine).items())),
+            "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
+            "near_duplicate_policy": cfg.near_duplicates,
+            "notes": dict(sorted(Counter(n.split(":")[0].split(" ")[0] for r in writer.rows if r["note"]
+                                         for n in r["note"].split("; ")).items())),
+            "ingest": cfg.model_dump(mode="json", exclude={"workers", "chunk_size"}),
+        }
+        (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+        return info
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) == n:
+            break
+    return out

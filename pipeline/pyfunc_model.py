@@ -1,0 +1,125 @@
+"""The MLflow pyfunc that serves a diffuse model: `mlflow models serve -m models:/NAME@champion`.
+
+Artifacts: `model_dir`, the diffusers-format folder written by pipeline.model_dir.save_model (unet/, scheduler/,
+conditioning.json with the encoder and how its context attaches, train_config.yaml).
+
+Input: a DataFrame with `prompt` and optional `negative_prompt`, `seed`, `steps`, `guidance`, `init_image`
+(base64 image: img2img) and `strength`. Output: a DataFrame with `image` (base64 PNG), `seed`, `error` ("" when
+fine). A bad row (an undecodable init image, an out-of-range value) gets its `error` and an empty `image`; the
+others still generate.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import mlflow.pyfunc
+
+DEFAULTS = {"negative_prompt": "", "steps": 20, "guidance": 4.0, "init_image": None, "strength": 0.6}
+INPUT_COLUMNS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "init_image", "strength")
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "prompt"),
+        ColSpec("string", "negative_prompt", required=False),
+        ColSpec("long", "seed", required=False),
+        ColSpec("long", "steps", required=False),
+        ColSpec("double", "guidance", required=False),
+        ColSpec("string", "init_image", required=False),
+        ColSpec("double", "strength", required=False),
+    ])
+    outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed"), ColSpec("string", "error")])
+    params = ParamSchema([ParamSpec("sampler", "string", "dpmpp")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def png_base64(image_chw) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image_chw.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_image(b64: str, resolution: int):
+    from PIL import Image
+
+    from pipeline.sample import image_to_tensor
+
+    raw = base64.b64decode(b64, validate=True)
+    with Image.open(io.BytesIO(raw)) as im:
+        im.load()
+        return image_to_tensor(im, resolution)
+
+
+class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from pathlib import Path
+
+        import torch
+
+        from pipeline.model_dir import load_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(Path(context.artifacts["model_dir"]), device)  # clear error if missing/corrupt
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
+
+        from pipeline.sample import generate
+
+        sampler = (params or {}).get("sampler") or "dpmpp"
+        df = pd.DataFrame(model_input).reset_index(drop=True)
+        if "prompt" not in df.columns:
+            raise ValueError(f"input needs a 'prompt' column (got {list(df.columns)})")
+        res = self.model.spec.resolution
+        rows, errors, seeds = [], {}, {}
+        for i, rec in enumerate(df.to_dict("records")):
+            try:
+                seeds[i] = i if _missing(rec.get("seed")) else int(rec["seed"])  # default: the row's position
+                row = {k: (DEFAULTS.get(k) if _missing(rec.get(k)) else rec.get(k)) for k in INPUT_COLUMNS}
+                row["prompt"] = "" if _missing(rec.get("prompt")) else str(rec["prompt"])
+                row["seed"] = seeds[i]
+                row["steps"], row["guidance"] = int(row["steps"]), float(row["guidance"])
+                row["strength"] = float(row["strength"])
+                if not 1 <= row["steps"] <= 1000 or not 0 <= row["guidance"] <= 50 or not 0 <= row["strength"] <= 1:
+                    raise ValueError("steps must be 1..1000, guidance 0..50, strength 0..1")
+                row["init"] = decode_image(row["init_image"], res) if row["init_image"] else None
+                rows.append((i, row))
+            except Exception as e:  # one bad row never stops the rest
+                errors[i] = f"{type(e).__name__}: {e}"
+        images: dict[int, str] = {}
+        # rows with the same settings are generated in one batch
+        groups: dict[tuple, list[tuple[int, dict]]] = {}
+        for i, r in rows:
+            key = (r["steps"], r["guidance"], r["init"] is not None, r["strength"] if r["init"] is not None else 1.0)
+            groups.setdefault(key, []).append((i, r))
+        for (steps, guidance, img2img, strength), members in groups.items():
+            try:
+                init = torch.stack([r["init"] for _, r in members]) if img2img else None
+                out = generate(self.model, [r["prompt"] for _, r in members], [r["seed"] for _, r in members],
+                               sampler=sampler, steps=steps, guidance=guidance,
+                               negative_prompts=[str(r["negative_prompt"] or "") for _, r in members],
+                               init_images=init, strength=strength)
+                for (i, _), img in zip(members, out, strict=True):
+                    images[i] = png_base64(img)
+            except Exception as e:
+                for i, _ in members:
+                    errors[i] = f"{type(e).__name__}: {e}"
+        # empty strings rather than None: a null in a string column turns into NaN on the way to JSON
+        return pd.DataFrame({
+            "image": [images.get(i, "") for i in range(len(df))],
+            "seed": [seeds.get(i, -1) for i in range(len(df))],
+            "error": [errors.get(i, "") for i in range(len(df))],
+        })
