@@ -12,6 +12,12 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# The trainer reads prepared datasets (pandas + pyarrow) and ingests a raw imagefolder first (imagehash, scipy):
+# say at once what the image lacks instead of failing half-way. (Carrying all of them exceeds the 64 MiB carry.)
+python3 -c "
+import importlib.util as u, sys
+missing = [m for m in ('diffusers', 'pydantic', 'pandas', 'pyarrow', 'imagehash', 'scipy') if u.find_spec(m) is None]
+sys.exit(f'missing on this machine: {missing}; add them to .whl (bench/gpu_wheels.sh)' if missing else 0)" || exit 1
 [ -d data/shapes ] || python3 -c "from pipeline import shapes; from pathlib import Path; shapes.make_dataset(Path('data/shapes'), 10000, 32, 0)"
 timeout 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt"
 timeout 240 python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt"
