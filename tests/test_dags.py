@@ -231,8 +231,10 @@ def test_docker_and_kubernetes_runners_render_gpu_jobs(monkeypatch):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.providers.docker.operators.docker import DockerOperator
 
-    from pipeline.runners import docker_operator_kwargs, kubernetes_operator_kwargs, runner_config
+    from pipeline.runners import RunnerConfig, docker_operator_kwargs, kubernetes_operator_kwargs, runner_config
 
+    for name in RunnerConfig().pass_env:  # only what this test sets (other tests' S3 settings may be in os.environ)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     rc = runner_config({"DIFFUSE_RUNNER_KIND": "docker", "DIFFUSE_RUNNER_GPUS": "2",
                         "DIFFUSE_RUNNER_VOLUME": "/srv/diffuse", "DIFFUSE_RUNNER_IMAGE": "reg/diffuse:1.0"})
