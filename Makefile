@@ -35,9 +35,9 @@ ui: venv
 	@test -d .demo/airflow || { echo "run 'make demo' first"; exit 1; }
 	AIRFLOW_HOME=$(CURDIR)/.demo/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True DIFFUSE_WORKSPACE=$(CURDIR)/.demo \
-		$(VENV)/bin/airflow api-server --host 127.0.0.1 --port 8080 & \
+		$(VENV)/bin/airflow api-server --host 127.0.0.1 --port 8080 & AIRFLOW_PID=$$!; \
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.demo/mlflow.db --host 127.0.0.1 --port 5000; \
-	kill %1 2>/dev/null || true
+	kill $$AIRFLOW_PID 2>/dev/null || true
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
 test: venv tools-venv
