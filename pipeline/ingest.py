@@ -363,12 +363,25 @@ def check_caption(caption, max_chars: int) -> str:
     return " ".join(caption.split())  # newlines and runs of spaces are noise to a text encoder
 
 
-def _work(args: tuple[RawItem, int, IngestConfig]) -> dict:
-    """One item, in a worker process: a result row with the image, or a quarantine record."""
+_STAGING: dict[str, np.memmap] = {}
+
+
+def _staging(path: str, slots: int, resolution: int, mode: str) -> np.memmap:
+    """A file-backed array of image slots shared by the main process and the workers: pixels cross processes
+    through the page cache instead of being pickled through a pipe (~0.7 ms per 256 px image on 2 cores)."""
+    if path not in _STAGING:
+        _STAGING.clear()
+        _STAGING[path] = np.memmap(path, dtype=np.uint8, mode=mode, shape=(slots, resolution, resolution, 3))
+    return _STAGING[path]
+
+
+def _work(args: tuple[RawItem, int, IngestConfig, str, int, int]) -> dict:
+    """One item, in a worker process: its pixels into staging slot `slot`, and a result row (or a quarantine
+    record) back."""
     import imagehash
     from PIL import Image
 
-    item, resolution, cfg = args
+    item, resolution, cfg, staging, slots, slot = args
     if item.error:
         return {"item": item.key, "kind": item.error[0], "reason": item.error[1]}
     try:
@@ -379,8 +392,9 @@ def _work(args: tuple[RawItem, int, IngestConfig]) -> dict:
     # phash works on a 32x32 grey thumbnail anyway; a fast box filter makes it here, and the statistics use it too
     thumb = Image.fromarray(pixels).resize((32, 32), Image.Resampling.BOX)
     small = np.asarray(thumb, dtype=np.float32)
+    _staging(staging, slots, resolution, "r+")[slot] = pixels
     return {
-        "key": item.key, "caption": caption, "label": item.label, "pixels": pixels,
+        "key": item.key, "caption": caption, "label": item.label, "slot": slot,
         "sha256": hashlib.sha256(item.data).hexdigest(), "phash": str(imagehash.phash(thumb)),
         "pixel_mean": float(small.mean()), "pixel_std": float(small.std()), **facts,
     }
@@ -429,20 +443,24 @@ class _Writer:
     resolution: int
     per_shard: int
     rows: list[dict] = field(default_factory=list)
-    buffer: list[np.ndarray] = field(default_factory=list)
+    buffer: np.ndarray | None = None  # the shard being filled; untouched pages of np.empty cost no memory
+    filled: int = 0
     shards: int = 0
 
     def add(self, row: dict, pixels: np.ndarray) -> None:
-        row["shard"], row["index"] = self.shards, len(self.buffer)
+        if self.buffer is None:
+            self.buffer = np.empty((self.per_shard, self.resolution, self.resolution, 3), dtype=np.uint8)
+        row["shard"], row["index"] = self.shards, self.filled
         self.rows.append(row)
-        self.buffer.append(pixels)
-        if len(self.buffer) == self.per_shard:
+        self.buffer[self.filled] = pixels
+        self.filled += 1
+        if self.filled == self.per_shard:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            np.save(self.out / "shards" / SHARD_PATTERN.format(self.shards), np.stack(self.buffer))
-            self.buffer, self.shards = [], self.shards + 1
+        if self.filled:
+            np.save(self.out / "shards" / SHARD_PATTERN.format(self.shards), self.buffer[: self.filled])
+            self.filled, self.shards = 0, self.shards + 1
 
 
 def item_id(key: str, caption: str) -> str:
@@ -469,6 +487,9 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     (tmp / "shards").mkdir(parents=True)
     per_shard = max(1, cfg.shard_mb * 2**20 // (resolution * resolution * 3))
     writer = _Writer(tmp, resolution, per_shard)
+    slots = max(1, min(cfg.chunk_size, (256 << 20) // (resolution * resolution * 3)))  # staging <= 256 MB
+    staging_file = tmp / "staging.u8"
+    staging = _staging(str(staging_file), slots, resolution, "w+")
     quarantine: list[dict] = []
     seen: dict[tuple[str, str], str] = {}  # (image sha256, caption) -> id
     seen_images: set[str] = set()
@@ -478,8 +499,9 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     bar = tqdm(desc="ingest", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         with ProcessPoolExecutor(max_workers=cfg.workers or os.cpu_count()) as pool:
-            while chunk := _take(items, cfg.chunk_size):
-                for res in pool.map(_work, [(it, resolution, cfg) for it in chunk], chunksize=16):
+            while chunk := _take(items, slots):
+                work = [(it, resolution, cfg, str(staging_file), slots, k) for k, it in enumerate(chunk)]
+                for res in pool.map(_work, work, chunksize=16):
                     bar.update(1)
                     if "reason" in res:
                         quarantine.append(res)
@@ -512,9 +534,12 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
                                 "phash": res["phash"], "orig_width": res["orig_width"],
                                 "orig_height": res["orig_height"], "pixel_mean": res["pixel_mean"],
                                 "pixel_std": res["pixel_std"], "near_duplicate_of": near_of, "note": res["note"]},
-                               res["pixels"])
+                               staging[res["slot"]])
         writer.flush()
         bar.close()
+        _STAGING.clear()
+        del staging
+        staging_file.unlink()
         if not writer.rows:
             raise UserError(f"{source}: no usable items ({len(quarantine)} quarantined, e.g. "
                             f"{quarantine[0]['item']}: {quarantine[0]['reason']})" if quarantine
