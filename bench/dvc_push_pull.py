@@ -16,12 +16,10 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -29,6 +27,9 @@ import numpy as np
 from PIL import Image
 
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3_server import serve_s3  # noqa: E402  the tests' local S3 server
+
 BUCKET = "bench"
 KEY, SECRET = "benchkey", "benchsecret"
 
@@ -47,31 +48,6 @@ def make_images(root: Path, num: int, size: int, seed: int = 0) -> None:
         (img_dir / f"{i:06d}.png").write_bytes(buf.getvalue())
         lines.append(json.dumps({"file_name": f"images/{i:06d}.png", "text": f"noise picture number {i}"}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-
-
-@contextmanager
-def s3_server(root: Path):
-    (root / BUCKET).mkdir(parents=True, exist_ok=True)
-    conf = root.parent / "rclone.conf"
-    conf.write_text("")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("rclone") or str(BIN / "rclone")
-    proc = subprocess.Popen([exe, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}", "--auth-key",
-                             f"{KEY},{SECRET}", "--config", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -150,7 +126,8 @@ def main() -> None:
               f"in {time.perf_counter() - t:.1f} s", flush=True)
         if info["num_items"] != args.num:
             raise SystemExit(f"ingest kept {info['num_items']} of {args.num} images")
-        with s3_server(work / "s3") as endpoint:
+        with serve_s3(work / "s3", BUCKET, KEY, SECRET) as server:
+            endpoint = server.endpoint
             rows = [measure("loose", loose, work, endpoint, args.jobs),
                     measure("shards", work / "src" / "images_prepared", work, endpoint, args.jobs)]
     finally:

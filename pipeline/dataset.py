@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def to_square(img: Image.Image, resolution: int) -> Image.Image:
-    """EXIF orientation, RGB, shorter side to `resolution`, centre crop (for init images at sampling time)."""
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    """EXIF orientation, RGB (converted as ingest does), shorter side to `resolution`, centre crop (for init
+    images at sampling time)."""
+    from pipeline.ingest import to_rgb
+
+    img = to_rgb(ImageOps.exif_transpose(img), [])
     if img.size != (resolution, resolution):
         img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
     return img

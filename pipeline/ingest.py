@@ -320,7 +320,7 @@ def prepare_image(data: bytes, resolution: int, cfg: IngestConfig) -> tuple[np.n
         if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
             notes.append(f"EXIF orientation {orientation} applied")
-        im = _to_rgb(im, notes)
+        im = to_rgb(im, notes)
         if im.size != (resolution, resolution):
             im = ImageOps.fit(im, (resolution, resolution), Image.Resampling.BICUBIC)
     except Quarantined:
@@ -330,7 +330,8 @@ def prepare_image(data: bytes, resolution: int, cfg: IngestConfig) -> tuple[np.n
     return np.asarray(im, dtype=np.uint8), {"orig_width": w, "orig_height": h, "note": "; ".join(notes) or None}
 
 
-def _to_rgb(im, notes: list[str]):
+def to_rgb(im, notes: list[str]):
+    """Any PIL mode -> 8-bit RGB: 16-bit and float scaled, transparency composited on white; `notes` says what."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

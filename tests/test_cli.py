@@ -5,19 +5,11 @@ import shutil
 import pytest
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
-from pipeline.cli import app
-from tests.conftest import run_cli, tiny_config, write_config
+from tests.conftest import invoke, run_cli, tiny_config, write_config
 
-runner = CliRunner()
 PROMPT = "a large red circle in the center on a white background"
 
-
-def invoke(*args):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.mark.parametrize(

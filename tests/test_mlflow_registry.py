@@ -11,10 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import invoke
 from PIL import Image
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import UserError
 from tests.mlflow_support import EVALUATION, mlflow_store, tracking_section, train_run, write_yaml
 
@@ -24,14 +23,8 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default stores and caches (./mlflow.db, ./mlartifacts, .cache/models) land here
-runner = CliRunner()
 NAME = "tiny-shapes"
 
-
-def invoke(*args):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

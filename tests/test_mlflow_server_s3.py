@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke
 from PIL import Image
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from tests.mlflow_support import EVALUATION, env_with_venv_path, free_port, run_config, write_yaml
 from tests.s3_server import s3_env
 
@@ -29,14 +28,8 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default stores and caches (./mlflow.db, ./mlartifacts, .cache/models) land here
-runner = CliRunner()
 MLFLOW = [sys.executable, "-m", "mlflow"]
 
-
-def invoke(*args):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def _start(cmd: list[str], env: dict, log: Path, url: str, timeout: float = 150) -> subprocess.Popen:

@@ -8,9 +8,8 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import invoke
 
-from pipeline.cli import app
 from tests.mlflow_support import free_port, mlflow_store, run_config, train_run, write_yaml
 
 torch.set_num_threads(1)
@@ -19,13 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default stores and caches (./mlflow.db, ./mlartifacts, .cache/models) land here
-runner = CliRunner()
 
-
-def invoke(*args):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def _client(tmp_path):
