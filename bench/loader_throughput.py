@@ -29,7 +29,7 @@ def loader_rate(cfg, batches: int, workers: int) -> float:
         next(it)
     t = time.perf_counter()
     for _ in range(batches):
-        _, pixels = next(it)
+        _, pixels, _ = next(it)
         pixels.float()  # what the training step does first
     return batches * cfg.train.batch_size / (time.perf_counter() - t)
 

@@ -66,13 +66,40 @@ def data_shapes(
     num: int = typer.Option(10000, min=1, help="number of training images"),
     resolution: int = typer.Option(32, min=8, max=512),
     seed: int = typer.Option(0),
+    doodles: bool = typer.Option(False, "--doodles", help="also an outline doodle per image (doodles/), named in "
+                                 "metadata.jsonl's conditioning_image field"),
 ):
     """Make the procedural coloured-shapes dataset (held-out colour x shape pairs excluded)."""
     from pipeline import shapes
 
-    info = shapes.make_dataset(out_dir, num, resolution, seed)
-    out.print(f"wrote {info['num_images']} images to {out_dir} (held out of training: "
-              f"{', '.join(' '.join(p) for p in info['held_out_pairs'])})")
+    info = shapes.make_dataset(out_dir, num, resolution, seed, doodles=doodles)
+    out.print(f"wrote {info['num_images']} images{' and doodles' if doodles else ''} to {out_dir} (held out of "
+              f"training: {', '.join(' '.join(p) for p in info['held_out_pairs'])})")
+
+
+@data_app.command("doodle")
+@user_errors
+def data_doodle(
+    image: Path = typer.Argument(..., help="any image file (a photo, a rendering)"),
+    out_file: Path = typer.Argument(..., help="where the doodle PNG goes"),
+    resolution: int = typer.Option(32, min=8, max=2048, help="side of the doodle (the model's data.resolution)"),
+    seed: int = typer.Option(0, help="seed of the hand-drawn wobble"),
+):
+    """Sketch an image: its outlines as black lines on white, the way training doodles are made (ingest
+    --doodles), ready for a sketch-conditioned model."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.dataset import to_square  # the way sampling brings an init image to the model's size
+    from pipeline.doodle import doodle_from_image, open_image
+
+    rgb = np.asarray(to_square(open_image(image), resolution), dtype=np.uint8)
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(doodle_from_image(rgb, seed)).save(out_file, format="PNG")
+    except OSError as e:
+        raise UserError(f"cannot write {out_file}: {e.strerror or e}") from None
+    out.print(f"wrote {out_file} ({resolution}x{resolution} doodle of {image})")
 
 
 @data_app.command("ingest")
@@ -86,6 +113,10 @@ def data_ingest(
     near_duplicates: str | None = typer.Option(None, help="quarantine | flag (default from config: quarantine)"),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with an `ingest:` section"),
     workers: int | None = typer.Option(None, min=1, help="decode processes (default: all cores)"),
+    condition_column: str | None = typer.Option(None, help="field naming each item's condition image file "
+                                                "(e.g. conditioning_image): a sketch per item"),
+    doodles: bool = typer.Option(False, "--doodles", help="derive a doodle condition image for every item "
+                                 "without one (default from config: ingest.doodles)"),
 ):
     """Decode, check and shard an image-text source into a versioned prepared dataset."""
     from rich.table import Table
@@ -94,7 +125,8 @@ def data_ingest(
     from pipeline.ingest import ingest
     from pipeline.prepared import dataset_dir
 
-    overrides = {k: v for k, v in {"near_duplicates": near_duplicates, "workers": workers}.items() if v is not None}
+    overrides = {k: v for k, v in {"near_duplicates": near_duplicates, "workers": workers,
+                                   "doodles": doodles or None}.items() if v is not None}
     base = load_section(config, "ingest", IngestConfig)
     try:
         cfg = IngestConfig.model_validate(base.model_dump() | overrides)
@@ -102,13 +134,15 @@ def data_ingest(
         raise UserError(f"invalid option: {e}") from None
     out_dir = dataset_dir(name)
     info = ingest(source, out_dir, resolution, cfg, caption_column=caption_column, label_column=label_column,
-                  name=Path(name).name)
+                  condition_column=condition_column, name=Path(name).name)
     table = Table(title=f"dataset {info['name']} ({out_dir})", show_header=False)
     table.add_row("kept", f"{info['num_items']} ({info['num_train']} train, {info['num_eval']} eval) "
                           f"in {info['num_shards']} shard(s)")
     table.add_row("quarantined", str(info["num_quarantined"]))
     for kind, n in info["quarantined_by_kind"].items():
         table.add_row(f"  {kind}", str(n))
+    if info["num_conditions"]:
+        table.add_row("condition images", str(info["num_conditions"]))
     table.add_row("exact duplicates", str(info["exact_duplicates"]))
     table.add_row(f"near duplicates ({info['near_duplicate_policy']})", str(info["near_duplicates"]))
     for note, n in info["notes"].items():
@@ -267,45 +301,48 @@ def sample(
     negative_prompt: str = typer.Option("", help="what to steer away from (replaces the empty prompt in guidance)"),
     init_image: Path | None = typer.Option(None, help="img2img: start from this image"),
     strength: float = typer.Option(0.6, help="img2img: 0 keeps the init image, 1 ignores it"),
+    doodle: Path | None = typer.Option(None, help="a sketch the image follows (models trained with "
+                                       "context.image_condition); black lines on white, any size"),
+    image_guidance: float = typer.Option(1.5, help="with --doodle: how strongly the image follows it (1 = plain)"),
     sampler: str = typer.Option("dpmpp", help="dpmpp | ddim | ddpm"),
     steps: int = typer.Option(20, help="denoising steps"),
-    guidance: float = typer.Option(4.0, help="classifier-free guidance scale (1 = off)"),
+    guidance: float = typer.Option(4.0, help="classifier-free guidance scale of the text (1 = off)"),
     seed: int = typer.Option(0, help="seed of the first image; image k uses seed + k"),
     num: int = typer.Option(8, min=1, max=4096, help="images per prompt"),
     out_dir: Path = typer.Option(Path("samples"), "--out", help="where PNGs and grid.png go"),
 ):
-    """Generate images from text (txt2img) or from text + an image (img2img)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Generate images from text (txt2img), from text + an image (img2img) or from text + a doodle."""
+    from pipeline.doodle import load_doodle, open_image
     from pipeline.model_dir import load_model
-    from pipeline.sample import generate, grid, image_to_tensor, save_pngs
+    from pipeline.sample import condition_tensor, generate, grid, image_to_tensor, save_pngs
 
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1 (got {strength})")
     loaded = load_model(model)
+    res = loaded.spec.resolution
     prompts = [p for p in prompt for _ in range(num)]
     seeds = [seed + k for k in range(len(prompts))]
-    init = None
+    init = cond = None
     if init_image is not None:
-        try:
-            with Image.open(init_image) as im:
-                im.load()
-                if im.size != (loaded.spec.resolution,) * 2:
-                    err.print(f"note: init image is {im.size[0]}x{im.size[1]}; resized and centre-cropped to "
-                              f"{loaded.spec.resolution}x{loaded.spec.resolution}")
-                init = image_to_tensor(im, loaded.spec.resolution)
-        except (FileNotFoundError, IsADirectoryError):
-            raise UserError(f"init image not found: {init_image}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"init image {init_image} is not a readable image ({e})") from None
-        init = init.unsqueeze(0).expand(len(prompts), -1, -1, -1)
+        with open_image(init_image, "init image") as im:
+            if im.size != (res, res):
+                err.print(f"note: init image is {im.size[0]}x{im.size[1]}; resized and centre-cropped to {res}x{res}")
+            init = image_to_tensor(im, res).unsqueeze(0).expand(len(prompts), -1, -1, -1)
+    if doodle is not None:
+        if not loaded.spec.condition_channels:
+            raise UserError(f"{model} was trained without a condition image and cannot follow --doodle: train a "
+                            "model with context.image_condition (configs/shapes_doodle.yaml), or use --init-image")
+        with open_image(doodle, "doodle") as im:
+            cond = condition_tensor(load_doodle(im, res)).unsqueeze(0).expand(len(prompts), -1, -1, -1)
     images = generate(loaded, prompts, seeds, sampler=sampler, steps=steps, guidance=guidance,
                       negative_prompts=[negative_prompt] * len(prompts), init_images=init,
-                      strength=strength if init is not None else 1.0)
+                      strength=strength if init is not None else 1.0, cond_images=cond,
+                      image_guidance=image_guidance)
     names = [f"{k:04d}-seed{s}.png" for k, s in enumerate(seeds)]
     save_pngs(images, out_dir, names)
     grid(images, cols=min(num, 8) if len(prompt) == 1 else num).save(out_dir / "grid.png")
     records = [{"file_name": n, "prompt": p, "seed": s, "sampler": sampler, "steps": steps, "guidance": guidance}
+               | ({"doodle": str(doodle), "image_guidance": image_guidance} if doodle else {})
                for n, p, s in zip(names, prompts, seeds, strict=True)]
     (out_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out.print(f"wrote {len(images)} images and grid.png to {out_dir}")
@@ -492,6 +529,8 @@ def prompts_add(
     num_images: int | None = typer.Option(None, "--num-images", "-n", help="images to make"),
     init_image: str | None = typer.Option(None, help="img2img: a local path or s3:// URI"),
     strength: float | None = typer.Option(None, help="img2img: 0 keeps the init image, 1 ignores it"),
+    doodle: Path | None = typer.Option(None, help="a sketch the images follow (models trained with "
+                                       "context.image_condition); its bytes are stored with the prompt"),
     priority: int = typer.Option(0, help="higher goes first"),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
@@ -502,7 +541,7 @@ def prompts_add(
     st, gc = _open_prompt_store(store, config)
     raw = {"text": text, "negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
            "guidance": guidance, "size": size, "seed": seed, "num_images": num_images, "init_image": init_image,
-           "strength": strength, "priority": priority}
+           "strength": strength, "condition_image": str(doodle) if doodle else None, "priority": priority}
     (pid,) = st.add([parse_prompt({k: v for k, v in raw.items() if v is not None}, gc)], check=gc)
     out.print(f"added prompt {pid} to {st.url}")
 
@@ -512,7 +551,7 @@ def prompts_add(
 def prompts_import(
     file: Path = typer.Argument(..., help=".jsonl (one JSON object per line) or .csv (header row); field `text` "
                                 "plus any of negative_prompt, sampler, steps, guidance, size, seed, num_images, "
-                                "init_image, strength, priority"),
+                                "init_image, strength, condition_image (a doodle file, relative to FILE), priority"),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
 ):
@@ -558,6 +597,8 @@ def prompts_list(
         params = f"{p.sampler} {p.steps} g{p.guidance} seeds {p.seed}..{p.seed + p.num_images - 1}"
         if p.init_image_uri:
             params += f" init {p.init_image_uri} s{p.strength}"
+        if p.condition_sha256:
+            params += f" doodle {p.condition_sha256[:12]}"
         st_text = p.status + (f": {p.reason}" if p.reason else "")
         table.add_row(str(p.id), escape(p.text[:80]), escape(params), str(p.priority), escape(st_text))
     out.print(table)

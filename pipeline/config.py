@@ -19,6 +19,8 @@ class DataConfig(_Strict):
     path: Path = Field(description="prepared dataset (diffuse data ingest) or imagefolder with metadata.jsonl")
     caption_column: str = "text"
     label_column: str | None = Field(None, description="class label column, for encoder: category")
+    condition_column: str | None = Field(None, description="metadata column naming each item's condition image "
+                                         "file, e.g. conditioning_image as in diffusers' ControlNet scripts")
     resolution: int = Field(32, ge=8, le=1024)
     random_flip: bool = Field(False, description="mirror images left-right at random (off when captions say "
                               "left/right)")
@@ -39,6 +41,8 @@ class IngestConfig(_Strict):
     shard_mb: int = Field(256, ge=1, le=4096, description="largest image shard, MB")
     workers: int | None = Field(None, ge=1, description="decode processes; default: all cores")
     chunk_size: int = Field(2048, ge=1, description="items decoded per batch of work (bounds memory)")
+    doodles: bool = Field(False, description="derive a doodle (pipeline/doodle.py) for every item without a "
+                          "condition image, so any image-text set can train a sketch model")
 
 
 # `diffuse data validate` checks and whether a failure stops the pipeline by default (hard: exit 1) or warns (soft)
@@ -115,6 +119,11 @@ class ContextConfig(_Strict):
     )
     standardize: bool = Field(True, description="scale context channels to the training captions' spread")
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability a sample trains unconditionally")
+    image_condition: bool = Field(False, description="also condition on each item's condition image (a doodle), "
+                                  "fed as extra UNet input channels; the dataset needs condition images "
+                                  "(data.condition_column or ingest.doodles)")
+    image_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability a sample trains without its "
+                                 "condition image (drawn independently of cfg_dropout): image guidance needs it")
     cache_dir: Path = Field(Path(".cache/embeddings"), description="caption embedding cache")
 
     @model_validator(mode="after")
@@ -183,6 +192,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     channels_last: bool = True
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+    init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
+                                   "train` output); with context.image_condition a text-only model gets "
+                                   "zero-initialised condition channels, so it starts out as it was")
 
 
 class TrackingConfig(_Strict):
@@ -279,6 +291,8 @@ class GenerationConfig(_Strict):
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(4.0, ge=0, le=50)
     strength: float = Field(0.6, ge=0, le=1, description="img2img: 0 keeps the init image, 1 ignores it")
+    image_guidance: float = Field(1.5, ge=0, le=50, description="prompts with a doodle: how strongly the image "
+                                  "follows it (1 = plain conditioning, higher = closer to the doodle)")
     num_images: int = Field(1, ge=1, description="images per prompt (seeds seed .. seed+num_images-1)")
     seed: int = Field(0, ge=0)
     max_images_per_prompt: int = Field(64, ge=1)

@@ -37,17 +37,20 @@ def to_square(img: Image.Image, resolution: int) -> Image.Image:
 
 
 class ShardImages(torch.utils.data.Dataset):
-    """Train-split images of a prepared dataset, fetched a batch at a time from memory-mapped shards."""
+    """Train-split images of a prepared dataset, fetched a batch at a time from memory-mapped shards; with
+    `conditions`, each item's condition image too (white for an item that has none)."""
 
-    def __init__(self, ds: PreparedDataset, rows: np.ndarray):
-        self.ds, self.rows = ds, rows
+    def __init__(self, ds: PreparedDataset, rows: np.ndarray, conditions: bool = False):
+        self.ds, self.rows, self.with_conditions = ds, rows, conditions
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = self.ds.images(self.rows[np.asarray(idx)])  # (B, R, R, 3) uint8
-        return torch.as_tensor(idx), torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        rows = self.rows[np.asarray(idx)]
+        pixels = torch.from_numpy(self.ds.images(rows)).permute(0, 3, 1, 2)  # (B, 3, R, R) uint8
+        cond = torch.from_numpy(self.ds.conditions(rows)).permute(0, 3, 1, 2) if self.with_conditions else None
+        return torch.as_tensor(idx), pixels, cond
 
 
 @dataclass
@@ -56,13 +59,15 @@ class TrainingData:
     captions: list[str]
     labels: list[str] | None
     dataset: PreparedDataset
+    has_condition: torch.Tensor | None = None  # per train item: whether it has a condition image
 
     @property
     def version(self) -> str:
         return self.dataset.version
 
 
-def open_training_data(data_cfg, ingest_cfg) -> TrainingData:
+def open_training_data(data_cfg, ingest_cfg, conditions: bool = False) -> TrainingData:
+    """The train split of `data_cfg.path`; with `conditions`, its condition images too (context.image_condition)."""
     path = Path(data_cfg.path)
     if not is_prepared(path):
         path = _ingest_cached(data_cfg, ingest_cfg)
@@ -79,7 +84,15 @@ def open_training_data(data_cfg, ingest_cfg) -> TrainingData:
         if m["label"].isna().iloc[rows].any():
             raise UserError(f"{path}: some items have no label; ingest with --label-column {data_cfg.label_column}")
         labels = m["label"].iloc[rows].tolist()
-    return TrainingData(ShardImages(ds, rows), m["caption"].iloc[rows].tolist(), labels, ds)
+    has_condition = None
+    if conditions:
+        if not ds.has_conditions:
+            raise UserError(f"{path} has no condition images, which context.image_condition trains on: set "
+                            "data.condition_column to the metadata column naming each item's condition image, or "
+                            "ingest.doodles: true to derive a doodle from every image")
+        has_condition = torch.from_numpy(m["condition"].notna().to_numpy()[rows])
+    return TrainingData(ShardImages(ds, rows, conditions), m["caption"].iloc[rows].tolist(), labels, ds,
+                        has_condition)
 
 
 def _ingest_cached(data_cfg, ingest_cfg) -> Path:
@@ -92,16 +105,18 @@ def _ingest_cached(data_cfg, ingest_cfg) -> Path:
                         f"plus metadata.jsonl with 'file_name' and '{data_cfg.caption_column}' on each line (make "
                         "one with `diffuse data shapes`), or the output of `diffuse data ingest`.")
     h = hashlib.sha256(meta.read_bytes())
-    for f in sorted(src.iterdir()):  # a changed image file invalidates the cache too
+    # a changed image or condition image file invalidates the cache too, also in subfolders (doodles/)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
         st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.relative_to(src).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([data_cfg.resolution, data_cfg.caption_column, data_cfg.label_column,
-                         ingest_cfg.model_dump(mode="json")]).encode())
+                         data_cfg.condition_column, ingest_cfg.model_dump(mode="json")]).encode())
     out = Path(data_cfg.prepared_cache) / f"{src.name}-{h.hexdigest()[:16]}"
     if not is_prepared(out):
         log.info("ingesting %s into %s (once; later runs reuse it)", src, out)
         info = ingest(str(src), out, data_cfg.resolution, ingest_cfg, caption_column=data_cfg.caption_column,
-                      label_column=data_cfg.label_column, progress=False)
+                      label_column=data_cfg.label_column, condition_column=data_cfg.condition_column,
+                      progress=False)
         if info["num_quarantined"]:
             log.warning("%d items quarantined (reasons in %s/quarantine.jsonl)", info["num_quarantined"], out)
     return out
@@ -122,7 +137,7 @@ class _BatchStream(torch.utils.data.Sampler):
 
 
 def _as_batch(batch):
-    return batch  # __getitems__ already returns (indices, images)
+    return batch  # __getitems__ already returns (indices, images, condition images or None)
 
 
 def batch_loader(images: ShardImages, seed: int, start: int, batch_size: int, workers: int, pin_memory: bool,

@@ -55,6 +55,8 @@ def render_html(run_id: str, rows: list[dict], failures: list[dict], thumbs: dic
         settings = f"{r['sampler']} · {r['steps']} steps · guidance {r['guidance']} · {r['size']} px"
         if r.get("init_image_uri"):
             settings += f" · img2img from {r['init_image_uri']} (strength {r['strength']})"
+        if r.get("doodle_sha256"):
+            settings += f" · doodle {r['doodle_sha256'][:12]} (image guidance {r['image_guidance']})"
         neg = f"<div class=neg>not: {e(r['negative_prompt'])}</div>" if r.get("negative_prompt") else ""
         img = thumbs.get(r["image_uri"])
         img_tag = (f'<a href="{e(links[r["image_uri"]])}"><img src="{img}" width={px} height={px}></a>' if img

@@ -179,16 +179,29 @@ class Job:
     prompt: object  # models.Prompt
     seeds: list[int]
     init: object | None = None  # (3, R, R) tensor for img2img
+    cond: object | None = None  # (3, R, R) condition image (the prompt's doodle) in [-1, 1]
     coverage: tuple[float | None, str, str] = (None, "skipped: not scored", "")
     remaining: set[int] = field(default_factory=set)
     failed: bool = False
 
 
 def _group_key(p, resolution: int) -> tuple:
-    """Requests that can share one sampling call: same sampler, steps, guidance, size, and img2img or not with
-    the same strength (negative prompts, seeds and init images may differ per image)."""
+    """Requests that can share one sampling call: same sampler, steps, guidance, size, img2img or not with the
+    same strength, and with a doodle or not (negative prompts, seeds, init images and doodles may differ per
+    image)."""
     init = bool(p.init_image_uri)
-    return (p.sampler, p.steps, float(p.guidance), p.size or resolution, init, float(p.strength) if init else None)
+    return (p.sampler, p.steps, float(p.guidance), p.size or resolution, init, float(p.strength) if init else None,
+            p.condition_image is not None)
+
+
+def doodle_tensor(data: bytes, resolution: int):
+    """A stored or uploaded doodle's image bytes -> the (3, R, R) condition tensor the model takes; UserError when
+    the bytes are not an image."""
+    from pipeline.doodle import load_doodle
+    from pipeline.prompt_store import open_image_bytes
+    from pipeline.sample import condition_tensor
+
+    return condition_tensor(load_doodle(open_image_bytes(data, "the doodle"), resolution))
 
 
 def _load_init(uri: str, resolution: int):
@@ -219,6 +232,9 @@ def _model_problem(p, loaded) -> str | None:
     spec = loaded.spec
     if p.size is not None and p.size != spec.resolution:
         return f"size {p.size}: this model makes {spec.resolution}x{spec.resolution} images only"
+    if p.condition_image is not None and not spec.condition_channels:
+        return ("the prompt has a doodle, but this model was trained without a condition image and cannot follow "
+                "one (generate it with a model trained with context.image_condition)")
     enc = encoder_for(spec)
     if spec.encoder == "category":
         if p.text not in enc.index:
@@ -278,14 +294,15 @@ class _Run:
 
         from pipeline.sample import generate
 
-        sampler, steps, guidance, _, init, strength = key
+        sampler, steps, guidance, _, init, strength, doodle = key
         p_list = [j.prompt for j, _ in items]
         inits = torch.stack([j.init for j, _ in items]) if init else None
+        conds = torch.stack([j.cond for j, _ in items]) if doodle else None
         dtype = torch.bfloat16 if self.device.startswith("cuda") else None
         return generate(self.loaded, [p.text for p in p_list], [s for _, s in items], sampler=sampler, steps=steps,
                         guidance=guidance, negative_prompts=[p.negative_prompt or "" for p in p_list],
                         init_images=inits, strength=strength if init else 1.0, batch_size=len(items),
-                        autocast_dtype=dtype)
+                        autocast_dtype=dtype, cond_images=conds, image_guidance=self.gc.image_guidance)
 
     def batch(self, key: tuple, items: list[tuple[Job, int]]) -> None:
         items = [(j, s) for j, s in items if not j.failed]
@@ -318,6 +335,8 @@ class _Run:
             settings = {"sampler": key[0], "steps": key[1], "guidance": key[2], "size": key[3],
                         "negative_prompt": p.negative_prompt or "", "init_image_uri": p.init_image_uri,
                         "strength": p.strength if p.init_image_uri else None, "model_uri": self.model.uri}
+            if p.condition_sha256:  # which doodle (the bytes are in the prompt store) and how strongly it was followed
+                settings |= {"doodle_sha256": p.condition_sha256, "image_guidance": self.gc.image_guidance}
             meta = {"prompt": p.text, "prompt_id": p.id, "seed": seed, "model": self.model.name,
                     "version": self.model.version, **settings}
             data = _png(img, meta)
@@ -424,6 +443,12 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
             job.init, err = _load_init(p.init_image_uri, loaded.spec.resolution)
             if err:
                 run.fail(job, *err)
+                continue
+        if p.condition_image is not None:
+            try:
+                job.cond = doodle_tensor(p.condition_image, loaded.spec.resolution)
+            except UserError as e:  # written by another writer without the check `prompts add` makes
+                run.fail(job, "invalid", str(e))
                 continue
         ok.append(job)
 

@@ -3,6 +3,10 @@
 Sources: an imagefolder with metadata.jsonl, a CSV (path + caption), WebDataset .tar shards, or an s3:// prefix
 holding any of these. Images are decoded once, in parallel, into uint8 shards; every item that cannot be used
 goes to quarantine.jsonl with its reason, and the rest are kept. Same input -> byte-identical output.
+
+Condition images (a sketch per item, for a doodle-conditioned model): a metadata/CSV column names each item's
+condition file (`condition_column`, e.g. `conditioning_image` as in diffusers' ControlNet scripts), prepared
+exactly like the image; `ingest.doodles` derives one (pipeline/doodle.py) for every item without one.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from pipeline import s3
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
-from pipeline.prepared import SHARD_PATTERN, compute_version, manifest_schema
+from pipeline.prepared import CONDITIONS_DIR, IMAGES_DIR, SHARD_PATTERN, compute_version, manifest_schema
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 CAPTION_COLUMNS = ("text", "caption")  # tried in this order when no caption column is given
@@ -42,6 +46,8 @@ class RawItem:
     label: str | None = None
     data: bytes | None = None
     error: tuple[str, str] | None = None
+    condition: bytes | None = None  # the condition image file's bytes, when the item names one
+    condition_key: str | None = None  # ...and that file's label (relative path or s3:// URI)
 
 
 class Quarantined(Exception):
@@ -111,8 +117,23 @@ def _pick_column(columns, wanted: str | None, candidates: tuple[str, ...], what:
                     f"(columns: {', '.join(map(str, columns))}); name it with --caption-column")
 
 
+def read_condition(files, value) -> tuple[str | None, bytes | None]:
+    """(label, bytes) of the condition image a metadata value names, read under the image path rules; (None,
+    None) when the value is empty (the item has no condition). Quarantined (bad_condition_image) otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    if not isinstance(value, str):
+        raise Quarantined("bad_condition_image", f"condition image name is not text ({type(value).__name__} "
+                                                  f"{value!r})")
+    name = value.strip()
+    try:
+        return files.label(name), files.read(name)
+    except Quarantined as q:
+        raise Quarantined("bad_condition_image", f"condition image: {q}") from None
+
+
 def imagefolder_items(meta: bytes, files, caption_column: str | None, label_column: str | None,
-                      where: str) -> Iterator[RawItem]:
+                      where: str, condition_column: str | None = None) -> Iterator[RawItem]:
     """HuggingFace imagefolder: one JSON object per line with file_name and a caption column."""
     for n, raw in enumerate(meta.split(b"\n"), 1):
         if not raw.strip():
@@ -136,16 +157,22 @@ def imagefolder_items(meta: bytes, files, caption_column: str | None, label_colu
         name = rec["file_name"]
         label = rec.get(label_column) if label_column else None
         try:
-            yield RawItem(files.label(name), rec.get(col), None if label is None else str(label), files.read(name))
+            data = files.read(name)
+            cond_key, cond = read_condition(files, rec.get(condition_column)) if condition_column else (None, None)
+            yield RawItem(files.label(name), rec.get(col), None if label is None else str(label), data, None, cond,
+                          cond_key)
         except Quarantined as q:
             yield RawItem(files.label(name), error=(q.kind, str(q)))
 
 
-def csv_items(text: str, files, caption_column: str | None, label_column: str | None, where: str):
+def csv_items(text: str, files, caption_column: str | None, label_column: str | None, where: str,
+              condition_column: str | None = None):
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
     path_col = _pick_column(columns, None, PATH_COLUMNS, "image path", where)
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", where)
+    if condition_column:
+        _pick_column(columns, condition_column, (), "condition image", where)  # a clear error for a typo
     for n, row in enumerate(reader, 2):
         name = (row.get(path_col) or "").strip()
         if None in row:  # more fields than the header
@@ -154,7 +181,9 @@ def csv_items(text: str, files, caption_column: str | None, label_column: str | 
             continue
         try:
             data = files.read(name)
-            yield RawItem(files.label(name), row.get(cap_col), row.get(label_column) if label_column else None, data)
+            cond_key, cond = read_condition(files, row.get(condition_column)) if condition_column else (None, None)
+            yield RawItem(files.label(name), row.get(cap_col), row.get(label_column) if label_column else None, data,
+                          None, cond, cond_key)
         except Quarantined as q:
             yield RawItem(files.label(name) if name else f"{where} line {n}", error=(q.kind, str(q)))
 
@@ -211,42 +240,53 @@ def _utf8(b: bytes) -> bool:
         return False
 
 
-def source_items(source: str, caption_column: str | None, label_column: str | None) -> Iterator[RawItem]:
+def source_items(source: str, caption_column: str | None, label_column: str | None,
+                 condition_column: str | None = None) -> Iterator[RawItem]:
     """Dispatch on what SRC is: a folder, a .csv/.tar/.jsonl file, or an s3:// prefix of any of these."""
     if s3.is_s3(source):
-        yield from _s3_items(source, caption_column, label_column)
+        yield from _s3_items(source, caption_column, label_column, condition_column)
         return
     path = Path(source)
     if not path.exists():
         raise UserError(f"source not found: {source}")
     if path.is_file():
         if path.suffix.lower() == ".csv":
-            yield from csv_items(_read_text(path), LocalFiles(path.parent), caption_column, label_column, path.name)
+            yield from csv_items(_read_text(path), LocalFiles(path.parent), caption_column, label_column, path.name,
+                                 condition_column)
         elif path.suffix.lower() == ".tar":
+            _no_condition_column(condition_column, source)
             with path.open("rb") as f:
                 yield from webdataset_items(f, path.name, caption_column)
         elif path.name.endswith(".jsonl"):
             yield from imagefolder_items(path.read_bytes(), LocalFiles(path.parent), caption_column, label_column,
-                                         path.name)
+                                         path.name, condition_column)
         else:
             raise UserError(f"{source}: unsupported source file; give a folder with metadata.jsonl, a .csv, "
                             "a .tar (WebDataset) or an s3:// prefix")
         return
     if (path / "metadata.jsonl").is_file():
         yield from imagefolder_items((path / "metadata.jsonl").read_bytes(), LocalFiles(path), caption_column,
-                                     label_column, "metadata.jsonl")
+                                     label_column, "metadata.jsonl", condition_column)
         return
     tars = sorted(path.glob("*.tar"))
     csvs = sorted(path.glob("*.csv"))
     if tars:
+        _no_condition_column(condition_column, source)
         for t in tars:
             with t.open("rb") as f:
                 yield from webdataset_items(f, t.name, caption_column)
     elif len(csvs) == 1:
-        yield from csv_items(_read_text(csvs[0]), LocalFiles(path), caption_column, label_column, csvs[0].name)
+        yield from csv_items(_read_text(csvs[0]), LocalFiles(path), caption_column, label_column, csvs[0].name,
+                             condition_column)
     else:
         raise UserError(f"{source}: found no metadata.jsonl, .tar shards or a single .csv file; see "
                         "`diffuse data ingest --help` for the supported layouts")
+
+
+def _no_condition_column(condition_column: str | None, source: str) -> None:
+    if condition_column:
+        raise UserError(f"{source}: --condition-column works with imagefolder (metadata.jsonl) and CSV sources, "
+                        "local or on S3, not WebDataset .tar shards; --doodles derives conditions from any source")
 
 
 def _read_text(path: Path) -> str:
@@ -256,7 +296,8 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
 
 
-def _s3_items(source: str, caption_column: str | None, label_column: str | None) -> Iterator[RawItem]:
+def _s3_items(source: str, caption_column: str | None, label_column: str | None,
+              condition_column: str | None) -> Iterator[RawItem]:
     if source.endswith((".csv", ".tar", ".jsonl")):
         keys, prefix = [source], source.rsplit("/", 1)[0]
     else:
@@ -267,11 +308,12 @@ def _s3_items(source: str, caption_column: str | None, label_column: str | None)
     meta = f"{prefix}/metadata.jsonl"
     if meta in keys or source.endswith(".jsonl"):
         yield from imagefolder_items(s3.read_bytes(source if source.endswith(".jsonl") else meta), S3Files(prefix),
-                                     caption_column, label_column, "metadata.jsonl")
+                                     caption_column, label_column, "metadata.jsonl", condition_column)
         return
     tars = [k for k in keys if k.endswith(".tar")]
     csvs = [k for k in keys if k.endswith(".csv")]
     if tars:
+        _no_condition_column(condition_column, source)
         for t in tars:
             yield from webdataset_items(s3.open_stream(t), t, caption_column)
     elif csvs:
@@ -279,7 +321,7 @@ def _s3_items(source: str, caption_column: str | None, label_column: str | None)
             text = s3.read_bytes(csvs[0]).decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise UserError(f"{csvs[0]}: not UTF-8 text ({e.reason})") from None
-        yield from csv_items(text, S3Files(prefix), caption_column, label_column, csvs[0])
+        yield from csv_items(text, S3Files(prefix), caption_column, label_column, csvs[0], condition_column)
     else:
         raise UserError(f"{source}: found no metadata.jsonl, .tar shards or .csv under this prefix")
 
@@ -367,38 +409,61 @@ def check_caption(caption, max_chars: int) -> str:
 _STAGING: dict[str, np.memmap] = {}
 
 
-def _staging(path: str, slots: int, resolution: int, mode: str) -> np.memmap:
+def _staging(path: str, slots: int, planes: int, resolution: int, mode: str) -> np.memmap:
     """A file-backed array of image slots shared by the main process and the workers: pixels cross processes
-    through the page cache instead of being pickled through a pipe (~0.7 ms per 256 px image on 2 cores)."""
+    through the page cache instead of being pickled through a pipe (~0.7 ms per 256 px image on 2 cores).
+    Plane 0 of a slot holds the image, plane 1 (when conditions are possible) its condition image."""
     if path not in _STAGING:
         _STAGING.clear()
-        _STAGING[path] = np.memmap(path, dtype=np.uint8, mode=mode, shape=(slots, resolution, resolution, 3))
+        _STAGING[path] = np.memmap(path, dtype=np.uint8, mode=mode,
+                                   shape=(slots, planes, resolution, resolution, 3))
     return _STAGING[path]
 
 
-def _work(args: tuple[RawItem, int, IngestConfig, str, int, int]) -> dict:
-    """One item, in a worker process: its pixels into staging slot `slot`, and a result row (or a quarantine
-    record) back."""
+def _work(args: tuple[RawItem, int, IngestConfig, str, int, int, int]) -> dict:
+    """One item, in a worker process: its pixels (and condition pixels) into staging slot `slot`, and a result
+    row (or a quarantine record) back."""
     import imagehash
     from PIL import Image
 
-    item, resolution, cfg, staging, slots, slot = args
+    item, resolution, cfg, staging, slots, planes, slot = args
     if item.error:
         return {"item": item.key, "kind": item.error[0], "reason": item.error[1]}
     try:
         caption = check_caption(item.caption, cfg.max_caption_chars)
         pixels, facts = prepare_image(item.data, resolution, cfg)
+        condition, condition_source = _condition(item, item_id(item.key, caption), pixels, resolution, cfg)
     except Quarantined as q:
         return {"item": item.key, "kind": q.kind, "reason": str(q)}
     # phash works on a 32x32 grey thumbnail anyway; a fast box filter makes it here, and the statistics use it too
     thumb = Image.fromarray(pixels).resize((32, 32), Image.Resampling.BOX)
     small = np.asarray(thumb, dtype=np.float32)
-    _staging(staging, slots, resolution, "r+")[slot] = pixels
+    slots_array = _staging(staging, slots, planes, resolution, "r+")
+    slots_array[slot, 0] = pixels
+    if condition is not None:
+        slots_array[slot, 1] = condition
     return {
-        "key": item.key, "caption": caption, "label": item.label, "slot": slot,
+        "key": item.key, "caption": caption, "label": item.label, "slot": slot, "condition": condition_source,
         "sha256": hashlib.sha256(item.data).hexdigest(), "phash": str(imagehash.phash(thumb)),
         "pixel_mean": float(small.mean()), "pixel_std": float(small.std()), **facts,
     }
+
+
+def _condition(item: RawItem, iid: str, pixels: np.ndarray, resolution: int,
+               cfg: IngestConfig) -> tuple[np.ndarray | None, str | None]:
+    """The item's condition image and what it is (manifest column `condition`): its own condition file prepared
+    exactly like the image, else a doodle of the prepared image seeded by the item id (when cfg.doodles: the
+    same on every run and with any worker count), else (None, None)."""
+    if item.condition is not None:
+        try:
+            return prepare_image(item.condition, resolution, cfg)[0], item.condition_key
+        except Quarantined as q:
+            raise Quarantined("bad_condition_image", f"condition image {item.condition_key}: {q}") from None
+    if cfg.doodles:
+        from pipeline.doodle import doodle_from_image
+
+        return doodle_from_image(pixels, seed=int(iid, 16)), "doodle"
+    return None, None
 
 
 # ---------------------------------------------------------------- near-duplicate index
@@ -440,27 +505,39 @@ class NearDuplicateIndex:
 
 @dataclass
 class _Writer:
+    """Fills image shards, and with `conditions` condition shards in step with them (white for an item without
+    one), so row r of either sits at the same (shard, index)."""
+
     out: Path
     resolution: int
     per_shard: int
+    conditions: bool = False
     rows: list[dict] = field(default_factory=list)
     buffer: np.ndarray | None = None  # the shard being filled; untouched pages of np.empty cost no memory
+    condition_buffer: np.ndarray | None = None
     filled: int = 0
     shards: int = 0
 
-    def add(self, row: dict, pixels: np.ndarray) -> None:
+    def add(self, row: dict, pixels: np.ndarray, condition: np.ndarray | None = None) -> None:
         if self.buffer is None:
             self.buffer = np.empty((self.per_shard, self.resolution, self.resolution, 3), dtype=np.uint8)
+            if self.conditions:
+                self.condition_buffer = np.empty_like(self.buffer)
         row["shard"], row["index"] = self.shards, self.filled
         self.rows.append(row)
         self.buffer[self.filled] = pixels
+        if self.conditions:
+            self.condition_buffer[self.filled] = 255 if condition is None else condition
         self.filled += 1
         if self.filled == self.per_shard:
             self.flush()
 
     def flush(self) -> None:
         if self.filled:
-            np.save(self.out / "shards" / SHARD_PATTERN.format(self.shards), self.buffer[: self.filled])
+            np.save(self.out / IMAGES_DIR / SHARD_PATTERN.format(self.shards), self.buffer[: self.filled])
+            if self.conditions:
+                np.save(self.out / CONDITIONS_DIR / SHARD_PATTERN.format(self.shards),
+                        self.condition_buffer[: self.filled])
             self.filled, self.shards = 0, self.shards + 1
 
 
@@ -474,8 +551,9 @@ def split_of(iid: str, eval_fraction: float) -> str:
 
 def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None = None, *,
            caption_column: str | None = None, label_column: str | None = None, name: str | None = None,
-           progress: bool = True) -> dict:
-    """Read `source`, write the prepared dataset to `out_dir` (replaced atomically), return its dataset.json."""
+           condition_column: str | None = None, progress: bool = True) -> dict:
+    """Read `source`, write the prepared dataset to `out_dir` (replaced atomically), return its dataset.json.
+    `condition_column`: the metadata/CSV column naming each item's condition image file (empty: none)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
@@ -485,23 +563,27 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     name = name or out_dir.name
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shards").mkdir(parents=True)
+    (tmp / IMAGES_DIR).mkdir(parents=True)
+    conditions = bool(condition_column or cfg.doodles)
+    if conditions:
+        (tmp / CONDITIONS_DIR).mkdir()
     per_shard = max(1, cfg.shard_mb * 2**20 // (resolution * resolution * 3))
-    writer = _Writer(tmp, resolution, per_shard)
-    slots = max(1, min(cfg.chunk_size, (256 << 20) // (resolution * resolution * 3)))  # staging <= 256 MB
+    writer = _Writer(tmp, resolution, per_shard, conditions)
+    planes = 2 if conditions else 1
+    slots = max(1, min(cfg.chunk_size, (256 << 20) // (planes * resolution * resolution * 3)))  # staging <= 256 MB
     staging_file = tmp / "staging.u8"
-    staging = _staging(str(staging_file), slots, resolution, "w+")
+    staging = _staging(str(staging_file), slots, planes, resolution, "w+")
     quarantine: list[dict] = []
     seen: dict[tuple[str, str], str] = {}  # (image sha256, caption) -> id
     seen_images: set[str] = set()
     near = NearDuplicateIndex(cfg.near_duplicate_distance)
     counts = Counter()
-    items = source_items(str(source), caption_column, label_column)
+    items = source_items(str(source), caption_column, label_column, condition_column)
     bar = tqdm(desc="ingest", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         with ProcessPoolExecutor(max_workers=cfg.workers or os.cpu_count()) as pool:
             while chunk := _take(items, slots):
-                work = [(it, resolution, cfg, str(staging_file), slots, k) for k, it in enumerate(chunk)]
+                work = [(it, resolution, cfg, str(staging_file), slots, planes, k) for k, it in enumerate(chunk)]
                 for res in pool.map(_work, work, chunksize=16):
                     bar.update(1)
                     if "reason" in res:
@@ -534,8 +616,9 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
                                 "label": res["label"], "source_uri": res["key"], "sha256": res["sha256"],
                                 "phash": res["phash"], "orig_width": res["orig_width"],
                                 "orig_height": res["orig_height"], "pixel_mean": res["pixel_mean"],
-                                "pixel_std": res["pixel_std"], "near_duplicate_of": near_of, "note": res["note"]},
-                               staging[res["slot"]])
+                                "pixel_std": res["pixel_std"], "near_duplicate_of": near_of, "note": res["note"],
+                                "condition": res["condition"]},
+                               staging[res["slot"], 0], staging[res["slot"], 1] if res["condition"] else None)
         writer.flush()
         bar.close()
         _STAGING.clear()
@@ -545,13 +628,22 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
             raise UserError(f"{source}: no usable items ({len(quarantine)} quarantined, e.g. "
                             f"{quarantine[0]['item']}: {quarantine[0]['reason']})" if quarantine
                             else f"{source}: no items found")
+        num_conditions = sum(r["condition"] is not None for r in writer.rows)
+        named = any(r["condition"] not in (None, "doodle") for r in writer.rows) or \
+            any(q["kind"] == "bad_condition_image" for q in quarantine)
+        if condition_column and not named:
+            raise UserError(f"{source}: no item names a condition image in '{condition_column}'; check "
+                            "--condition-column (e.g. conditioning_image)")
+        if not num_conditions:
+            shutil.rmtree(tmp / CONDITIONS_DIR, ignore_errors=True)
         schema = manifest_schema()
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in writer.rows], schema=schema)
         pq.write_table(table, tmp / "manifest.parquet")
         (tmp / "quarantine.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine))
         info = {
             "name": name, "version": compute_version(tmp), "resolution": resolution, "source": str(source),
-            "num_items": len(writer.rows), "num_shards": writer.shards,
+            "num_items": len(writer.rows), "num_shards": writer.shards, "num_conditions": num_conditions,
+            "condition_column": condition_column,
             "num_train": sum(r["split"] == "train" for r in writer.rows),
             "num_eval": sum(r["split"] == "eval" for r in writer.rows),
             "num_quarantined": len(quarantine),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.encoders import ContextBatch
+from pipeline.errors import UserError
 
 
 class ModelSpec(BaseModel):
@@ -35,6 +36,7 @@ class ModelSpec(BaseModel):
     context_dim: int
     prediction_type: str
     context_stats: dict[str, list[float]] | None = None  # per-channel standardization of the context
+    condition_channels: int = 0  # channels of the condition image (a doodle: 3), fed beside the noisy image; 0: none
 
     @property
     def uses_tokens(self) -> bool:
@@ -49,6 +51,12 @@ def coord_channel_count(spec: ModelSpec) -> int:
     return (2 + 4 * spec.coord_frequencies) if spec.coord_channels else 0
 
 
+def input_channel_count(spec: ModelSpec) -> int:
+    """UNet input channels, in this order: the (patched) noisy image, coordinates, the (patched) condition image."""
+    p2 = spec.patch_size**2
+    return 3 * p2 + coord_channel_count(spec) + spec.condition_channels * p2
+
+
 def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, attention_levels,
                attention_head_dim: int, norm_num_groups: int, scale_shift: bool = False):
     from diffusers import UNet2DConditionModel
@@ -59,7 +67,7 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
     up = ["CrossAttnUpBlock2D" if (a and cross) else "UpBlock2D" for a in reversed(attention_levels)]
     kwargs = dict(
         sample_size=spec.resolution // p,
-        in_channels=3 * p * p + coord_channel_count(spec),
+        in_channels=input_channel_count(spec),
         out_channels=3 * p * p,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
@@ -91,12 +99,47 @@ def _coords(batch: int, res: int, frequencies: int, like: torch.Tensor) -> torch
     return torch.stack(chans).expand(batch, len(chans), res, res)
 
 
-def denoise(unet, spec: ModelSpec, x_t: torch.Tensor, t: torch.Tensor, ctx: ContextBatch) -> torch.Tensor:
-    """The network's prediction (epsilon or v, per the scheduler config) for noisy images x_t at timesteps t."""
+def extend_condition_channels(unet, spec: ModelSpec, condition_channels: int):
+    """A model that also takes a condition image: conv_in gets zero-initialised input channels for it, so the
+    extended model computes exactly what the original did (the way diffusers' InstructPix2Pix script extends
+    Stable Diffusion). Returns (unet, spec); the unet is changed in place."""
+    if spec.condition_channels == condition_channels:
+        return unet, spec
+    if spec.condition_channels:
+        raise ValueError(f"the model already takes {spec.condition_channels} condition channels, not "
+                         f"{condition_channels}")
+    new_spec = spec.model_copy(update={"condition_channels": condition_channels})
+    old = unet.conv_in
+    conv = torch.nn.Conv2d(input_channel_count(new_spec), old.out_channels, old.kernel_size, old.stride, old.padding,
+                           device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, : old.in_channels].copy_(old.weight)
+        conv.bias.copy_(old.bias)
+    unet.conv_in = conv
+    unet.register_to_config(in_channels=conv.in_channels)
+    return unet, new_spec
+
+
+def null_condition(spec: ModelSpec, like: torch.Tensor) -> torch.Tensor:
+    """The dropped condition image: all zeros (mid-grey in [-1, 1]), unlike any doodle's black on white."""
+    return torch.zeros(like.shape[0], spec.condition_channels, *like.shape[2:], device=like.device, dtype=like.dtype)
+
+
+def denoise(unet, spec: ModelSpec, x_t: torch.Tensor, t: torch.Tensor, ctx: ContextBatch,
+            cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's prediction (epsilon or v, per the scheduler config) for noisy images x_t at timesteps t.
+    `cond` is the condition image in [-1, 1] (None: dropped) for a model with condition channels."""
     p = spec.patch_size
     h = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
     if spec.coord_channels:
         h = torch.cat([h, _coords(h.shape[0], h.shape[-1], spec.coord_frequencies, h)], dim=1)
+    if spec.condition_channels:
+        c = null_condition(spec, x_t) if cond is None else cond.to(x_t.dtype)
+        h = torch.cat([h, F.pixel_unshuffle(c, p) if p > 1 else c], dim=1)
+    elif cond is not None:
+        raise UserError("this model was trained without a condition image; leave out the doodle (or train a "
+                        "model with context.image_condition)")
     if ctx.labels is not None:
         class_labels = ctx.labels
     else:

@@ -29,8 +29,8 @@ def loss_weight(scheduler, t: torch.Tensor, weighting: str, gamma: float) -> tor
 
 def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: ContextBatch,
                    generator: torch.Generator, weighting: str = "none", gamma: float = 5.0,
-                   part: Part = WHOLE) -> torch.Tensor:
-    """One noise-prediction loss on a batch of clean images x0 in [-1, 1].
+                   part: Part = WHOLE, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """One noise-prediction loss on a batch of clean images x0 in [-1, 1] (and condition images `cond`).
 
     Under DDP x0 is this rank's share of the global batch: t and noise are drawn for the whole global batch
     and `part` keeps this rank's rows, so the numbers do not depend on the world size (pipeline/distributed.py)."""
@@ -38,7 +38,7 @@ def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: Cont
     t = part.take(torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)).to(x0.device)
     noise = part.take(torch.randn((b, *x0.shape[1:]), generator=generator)).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)  # sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise
-    pred = denoise(unet, spec, x_t, t, ctx)
+    pred = denoise(unet, spec, x_t, t, ctx, cond)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
     mse = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
     return (loss_weight(scheduler, t, weighting, gamma) * mse).mean()
@@ -51,3 +51,13 @@ def cfg_dropout(caption_rows: torch.Tensor, p: float, null_row: int, generator: 
     (for the whole global batch under DDP; `part` keeps this rank's rows)."""
     drop = part.take(torch.rand((caption_rows.shape[0] * part.world,), generator=generator)) < p
     return torch.where(drop, torch.full_like(caption_rows, null_row), caption_rows)
+
+
+def image_dropout(cond: torch.Tensor, present: torch.Tensor, p: float, generator: torch.Generator,
+                  part: Part = WHOLE) -> torch.Tensor:
+    """Per sample, with probability p (drawn independently of the caption's dropout), replace the condition image
+    by the null condition (zeros), as for an item that has none (`present` False). Both conditions dropped
+    together then happen with probability p * cfg_dropout: the three predictions image+text guidance needs."""
+    drop = part.take(torch.rand((cond.shape[0] * part.world,), generator=generator)) < p
+    keep = (~drop).to(cond.device) & present.to(cond.device)
+    return torch.where(keep[:, None, None, None], cond, torch.zeros_like(cond))

@@ -2,11 +2,14 @@
 
     data/prepared/NAME/
         shards/shard-00000.npy    (n, R, R, 3) uint8; memory-mapped on load, no per-image decoding
+        conditions/shard-00000.npy  optional: each item's condition image (a doodle, a sketch), same shards, sizes
+                                  and rows as shards/ (row r's condition sits at r's (shard, index)); white where
+                                  an item has none. Present only when dataset.json's num_conditions > 0
         manifest.parquet          one row per kept item (columns: MANIFEST_SCHEMA)
         quarantine.jsonl          {"item": ..., "reason": ...} per rejected item
-        dataset.json              name, version, resolution, counts
+        dataset.json              name, version, resolution, counts (num_conditions: items with a condition)
 
-`version` is the sha256 of the manifest and shard bytes: the same data gives the same version.
+`version` is the sha256 of the manifest, shard and condition shard bytes: the same data gives the same version.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pipeline.errors import UserError
 DATA_ROOT_ENV = "DIFFUSE_DATA_ROOT"
 DEFAULT_ROOT = Path("data/prepared")
 SHARD_PATTERN = "shard-{:05d}.npy"
+IMAGES_DIR, CONDITIONS_DIR = "shards", "conditions"
 
 
 def manifest_schema():
@@ -46,6 +50,9 @@ def manifest_schema():
         ("pixel_std", pa.float32()),      # same; near 0: a constant (blank) image
         ("near_duplicate_of", pa.string()),  # id of an earlier kept item with a near-identical image, or null
         ("note", pa.string()),            # what was done to the item (e.g. "animated: first of 3 frames")
+        # the item's condition image (conditions/ shards): null = none, "doodle" = derived by the built-in
+        # transform (pipeline/doodle.py), else the condition file's source URI / label
+        ("condition", pa.string()),
     ])
 
 
@@ -68,8 +75,10 @@ def is_prepared(path: Path) -> bool:
 def compute_version(path: Path) -> str:
     h = hashlib.sha256()
     path = Path(path)
-    for f in [path / "manifest.parquet", *sorted((path / "shards").glob("shard-*.npy"))]:
-        h.update(f.name.encode())
+    conditions = sorted((path / CONDITIONS_DIR).glob("shard-*.npy"))
+    for f in [path / "manifest.parquet", *sorted((path / IMAGES_DIR).glob("shard-*.npy")), *conditions]:
+        # image shards hash under their bare name (the versions of datasets without conditions stay as they were)
+        h.update((f"{CONDITIONS_DIR}/{f.name}" if f in conditions else f.name).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -105,7 +114,22 @@ class PreparedDataset:
 
     @cached_property
     def shards(self) -> list[np.ndarray]:
-        return [np.load(self.path / "shards" / SHARD_PATTERN.format(i), mmap_mode="r")
+        return self._load_shards(IMAGES_DIR)
+
+    @property
+    def has_conditions(self) -> bool:
+        """Whether items carry condition images (conditions/ shards); datasets made before them have none."""
+        return int(self.info.get("num_conditions", 0)) > 0
+
+    @cached_property
+    def condition_shards(self) -> list[np.ndarray]:
+        if not self.has_conditions:
+            raise UserError(f"{self.path}: this dataset has no condition images; ingest with --condition-column "
+                            "COLUMN (a sketch file per item) or --doodles (derived from each image)")
+        return self._load_shards(CONDITIONS_DIR)
+
+    def _load_shards(self, folder: str) -> list[np.ndarray]:
+        return [np.load(self.path / folder / SHARD_PATTERN.format(i), mmap_mode="r")
                 for i in range(int(self.info["num_shards"]))]
 
     def __len__(self) -> int:
@@ -117,12 +141,20 @@ class PreparedDataset:
 
     def images(self, rows) -> np.ndarray:
         """(len(rows), R, R, 3) uint8 for manifest rows `rows` (items are stored in manifest order)."""
+        return self._gather(self.shards, rows)
+
+    def conditions(self, rows) -> np.ndarray:
+        """(len(rows), R, R, 3) uint8 condition images for manifest rows `rows`, white where an item has none
+        (manifest column `condition` null); a UserError when the dataset has no condition images."""
+        return self._gather(self.condition_shards, rows)
+
+    def _gather(self, shards: list[np.ndarray], rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
         out = np.empty((len(rows), self.resolution, self.resolution, 3), dtype=np.uint8)
         for s in np.unique(shard):
             sel = shard == s
-            out[sel] = self.shards[s][rows[sel] - self._offsets[s]]
+            out[sel] = shards[s][rows[sel] - self._offsets[s]]
         return out
 
     def quarantine(self) -> list[dict]:

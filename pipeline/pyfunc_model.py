@@ -4,8 +4,10 @@ Artifacts: `model_dir`, the diffusers-format folder written by pipeline.model_di
 conditioning.json with the encoder and how its context attaches, train_config.yaml).
 
 Input: a DataFrame with `prompt` and optional `negative_prompt`, `seed`, `steps`, `guidance`, `init_image`
-(base64 image: img2img) and `strength`. Output: a DataFrame with `image` (base64 PNG), `seed`, `error` ("" when
-fine). A bad row (an undecodable init image, an out-of-range value) gets its `error` and an empty `image`; the
+(base64 image: img2img), `strength`, `condition_image` (base64 image of any size: a doodle, for a model trained
+with a condition image) and `image_guidance` (how strongly the image follows the doodle). Output: a DataFrame with
+`image` (base64 PNG), `seed`, `error` ("" when fine). A bad row (an undecodable init image or doodle, a doodle
+for a model trained without a condition image, an out-of-range value) gets its `error` and an empty `image`; the
 others still generate.
 """
 
@@ -17,8 +19,10 @@ import math
 
 import mlflow.pyfunc
 
-DEFAULTS = {"negative_prompt": "", "steps": 20, "guidance": 4.0, "init_image": None, "strength": 0.6}
-INPUT_COLUMNS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "init_image", "strength")
+DEFAULTS = {"negative_prompt": "", "steps": 20, "guidance": 4.0, "init_image": None, "strength": 0.6,
+            "condition_image": None, "image_guidance": 1.5}
+INPUT_COLUMNS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "init_image", "strength",
+                 "condition_image", "image_guidance")
 
 
 def signature():
@@ -33,6 +37,8 @@ def signature():
         ColSpec("double", "guidance", required=False),
         ColSpec("string", "init_image", required=False),
         ColSpec("double", "strength", required=False),
+        ColSpec("string", "condition_image", required=False),
+        ColSpec("double", "image_guidance", required=False),
     ])
     outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed"), ColSpec("string", "error")])
     params = ParamSchema([ParamSpec("sampler", "string", "dpmpp")])
@@ -60,6 +66,13 @@ def decode_image(b64: str, resolution: int):
     with Image.open(io.BytesIO(raw)) as im:
         im.load()
         return image_to_tensor(im, resolution)
+
+
+def decode_doodle(b64: str, resolution: int):
+    """A base64 doodle -> the (3, R, R) condition tensor, the way batch generation reads a stored one."""
+    from pipeline.generation import doodle_tensor
+
+    return doodle_tensor(base64.b64decode(b64, validate=True), resolution)
 
 
 class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
@@ -92,10 +105,15 @@ class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
                 row["prompt"] = "" if _missing(rec.get("prompt")) else str(rec["prompt"])
                 row["seed"] = seeds[i]
                 row["steps"], row["guidance"] = int(row["steps"]), float(row["guidance"])
-                row["strength"] = float(row["strength"])
-                if not 1 <= row["steps"] <= 1000 or not 0 <= row["guidance"] <= 50 or not 0 <= row["strength"] <= 1:
-                    raise ValueError("steps must be 1..1000, guidance 0..50, strength 0..1")
+                row["strength"], row["image_guidance"] = float(row["strength"]), float(row["image_guidance"])
+                if (not 1 <= row["steps"] <= 1000 or not 0 <= row["guidance"] <= 50 or not 0 <= row["strength"] <= 1
+                        or not 0 <= row["image_guidance"] <= 50):
+                    raise ValueError("steps must be 1..1000, guidance 0..50, strength 0..1, image_guidance 0..50")
                 row["init"] = decode_image(row["init_image"], res) if row["init_image"] else None
+                if row["condition_image"] and not self.model.spec.condition_channels:
+                    raise ValueError("this model was trained without a condition image and cannot follow a doodle "
+                                     "(condition_image); leave it out, or serve a model trained with one")
+                row["cond"] = decode_doodle(row["condition_image"], res) if row["condition_image"] else None
                 rows.append((i, row))
             except Exception as e:  # one bad row never stops the rest
                 errors[i] = f"{type(e).__name__}: {e}"
@@ -103,15 +121,19 @@ class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
         # rows with the same settings are generated in one batch
         groups: dict[tuple, list[tuple[int, dict]]] = {}
         for i, r in rows:
-            key = (r["steps"], r["guidance"], r["init"] is not None, r["strength"] if r["init"] is not None else 1.0)
+            img2img, doodle = r["init"] is not None, r["cond"] is not None
+            key = (r["steps"], r["guidance"], img2img, r["strength"] if img2img else 1.0, doodle,
+                   r["image_guidance"] if doodle else None)
             groups.setdefault(key, []).append((i, r))
-        for (steps, guidance, img2img, strength), members in groups.items():
+        for (steps, guidance, img2img, strength, doodle, image_guidance), members in groups.items():
             try:
                 init = torch.stack([r["init"] for _, r in members]) if img2img else None
+                cond = torch.stack([r["cond"] for _, r in members]) if doodle else None
                 out = generate(self.model, [r["prompt"] for _, r in members], [r["seed"] for _, r in members],
                                sampler=sampler, steps=steps, guidance=guidance,
                                negative_prompts=[str(r["negative_prompt"] or "") for _, r in members],
-                               init_images=init, strength=strength)
+                               init_images=init, strength=strength, cond_images=cond,
+                               image_guidance=image_guidance if doodle else 1.0)
                 for (i, _), img in zip(members, out, strict=True):
                     images[i] = png_base64(img)
             except Exception as e:

@@ -1,4 +1,5 @@
-"""Sampling through diffusers schedulers: txt2img and img2img, batched classifier-free guidance."""
+"""Sampling through diffusers schedulers: txt2img and img2img, batched classifier-free guidance, and for a model
+with a condition image (a doodle) separate text and image guidance scales, as in InstructPix2Pix."""
 
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def condition_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(R, R, 3) uint8 condition image (a doodle) -> (3, R, R) in [-1, 1], as the trainer feeds it."""
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0  # a copy
+
+
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     from pipeline.dataset import to_square
 
@@ -64,10 +70,13 @@ def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
 def generate(model: LoadedModel, prompts: list[str], seeds: list[int], *, sampler: str = "dpmpp",
              steps: int = 20, guidance: float = 4.0, negative_prompts: list[str] | None = None,
              init_images: torch.Tensor | None = None, strength: float = 1.0, batch_size: int = 64,
-             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+             autocast_dtype: torch.dtype | None = None, cond_images: torch.Tensor | None = None,
+             image_guidance: float = 1.0) -> torch.Tensor:
     """Images (N, 3, R, R) uint8 for N prompts. Each image's noise comes from its own seed, so an image does
     not depend on which batch it was generated in. init_images (N, 3, R, R) in [-1, 1] turn on img2img:
-    the init image is noised to `strength` (0 keeps it, 1 ignores it) and denoised from there."""
+    the init image is noised to `strength` (0 keeps it, 1 ignores it) and denoised from there.
+    cond_images (N, 3, R, R) in [-1, 1] are the condition images (doodles) of a model trained with them; text
+    guidance `guidance` and image guidance `image_guidance` then weigh the prompt and the doodle separately."""
     if len(seeds) != len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not 0.0 <= strength <= 1.0:
@@ -76,18 +85,52 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], *, sample
         raise UserError(f"steps must be between 1 and 1000, got {steps}")
     if not 0.0 <= guidance <= 50.0:
         raise UserError(f"guidance must be between 0 and 50, got {guidance}")
+    if not 0.0 <= image_guidance <= 50.0:
+        raise UserError(f"image guidance must be between 0 and 50, got {image_guidance}")
+    if cond_images is not None and not model.spec.condition_channels:
+        raise UserError(f"{model.path} was trained without a condition image, so it cannot follow a doodle: train "
+                        "one with context.image_condition (configs/shapes_doodle.yaml), or use an init image "
+                        "(img2img) instead")
     out = []
     for i in range(0, len(prompts), batch_size):
         sl = slice(i, i + batch_size)
         init = None if init_images is None else init_images[sl]
         negs = None if negative_prompts is None else negative_prompts[sl]
+        cond = None if cond_images is None else cond_images[sl]
         out.append(_generate_batch(model, prompts[sl], seeds[sl], sampler, steps, guidance, negs, init,
-                                   strength, autocast_dtype))
+                                   strength, autocast_dtype, cond, image_guidance))
     return torch.cat(out)
 
 
+def _guidance_branches(text_ctx, null_ctx, cond, guidance: float, image_guidance: float):
+    """The (context, condition image) pairs one batched forward evaluates: (text, image) always, (null text,
+    image) for text guidance, (null text, null image) for image guidance. Without a condition image this is
+    plain classifier-free guidance: (text, -) and (null text, -)."""
+    if cond is None:
+        return [(text_ctx, None)] + ([(null_ctx, None)] if guidance != 1.0 else [])
+    branches = [(text_ctx, cond)]
+    if guidance != 1.0 or image_guidance != 1.0:
+        branches.append((null_ctx, cond))
+    if image_guidance != 1.0:
+        branches.append((null_ctx, None))
+    return branches
+
+
+def combine_guidance(preds: list[torch.Tensor], guidance: float, image_guidance: float) -> torch.Tensor:
+    """InstructPix2Pix's guidance (Brooks et al. 2023, eq. 3, as in diffusers' pipeline) over the branches of
+    _guidance_branches:  e(0,0) + s_I * (e(0,I) - e(0,0)) + s_T * (e(T,I) - e(0,I)).
+    With one branch it is e(T,I); with two, classifier-free guidance between them."""
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        cond, uncond = preds
+        return uncond + guidance * (cond - uncond)
+    both, image_only, neither = preds
+    return neither + image_guidance * (image_only - neither) + guidance * (both - image_only)
+
+
 def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_prompts, init, strength,
-                    autocast_dtype):
+                    autocast_dtype, cond=None, image_guidance=1.0):
     spec, unet = model.spec, model.unet
     device = next(unet.parameters()).device
     res = spec.resolution
@@ -95,11 +138,16 @@ def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_pr
     sched.set_timesteps(steps, device=device)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     noise = torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)
-    cond = encode_prompts(spec, prompts)
-    uncond = encode_prompts(spec, negative_prompts or [""] * len(prompts))
-    guided = guidance != 1.0
-    ctx = cond.cat(uncond) if guided else cond
+    text_ctx = encode_prompts(spec, prompts)
+    null_ctx = encode_prompts(spec, negative_prompts or [""] * len(prompts))
+    if cond is not None:
+        cond = cond.to(device)
+    branches = _guidance_branches(text_ctx, null_ctx, cond, guidance, image_guidance)
+    ctx = functools.reduce(ContextBatch.cat, [c for c, _ in branches])
     ctx = ContextBatch(*[None if a is None else a.to(device) for a in ctx.astuple()])
+    cond_in = None
+    if spec.condition_channels:  # a dropped (or absent) condition image is the null condition
+        cond_in = torch.cat([torch.zeros_like(noise) if c is None else c for _, c in branches])
 
     timesteps = sched.timesteps
     if init is None:
@@ -115,14 +163,12 @@ def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_pr
         x = sched.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
 
     for t in timesteps:
-        x_in = torch.cat([x, x]) if guided else x
+        x_in = torch.cat([x] * len(branches))
         x_in = sched.scale_model_input(x_in, t)
         tt = t.expand(x_in.shape[0]).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = denoise(unet, spec, x_in, tt, ctx).float()
-        if guided:
-            pc, pu = pred.chunk(2)
-            pred = pu + guidance * (pc - pu)
+            pred = denoise(unet, spec, x_in, tt, ctx, cond_in).float()
+        pred = combine_guidance(list(pred.chunk(len(branches))), guidance, image_guidance)
         x = sched.step(pred, t, x, generator=gens, return_dict=False)[0]
     return to_uint8(x).cpu()
 

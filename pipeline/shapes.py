@@ -39,6 +39,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
 }
 GRID_CENTRES = (0.25, 0.5, 0.75)
+DOODLE_DIR = "doodles"  # make_dataset(doodles=True): outline doodles, one per image, same file name
 # One held-out pair per shape and no colour twice: every colour and shape is still seen in training.
 HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 
@@ -114,23 +115,34 @@ def all_specs() -> list[ShapeSpec]:
     ]
 
 
-def make_dataset(out: Path, num_images: int, resolution: int = 32, seed: int = 0) -> dict:
-    """Write `num_images` training images (held-out pairs excluded) as an imagefolder. Deterministic."""
+def make_dataset(out: Path, num_images: int, resolution: int = 32, seed: int = 0, doodles: bool = False) -> dict:
+    """Write `num_images` training images (held-out pairs excluded) as an imagefolder. Deterministic.
+    `doodles`: also an outline doodle per image (doodles/NNNNNN.png, seeded by the index), named in each
+    metadata line's `conditioning_image` field (the diffusers ControlNet convention)."""
+    from pipeline.doodle import doodle_from_image
+
     rng = random.Random(seed)
     specs = [s for s in all_specs() if not s.held_out]
     out.mkdir(parents=True, exist_ok=True)
+    if doodles:
+        (out / DOODLE_DIR).mkdir(exist_ok=True)
     lines = []
     for i in range(num_images):
         spec = specs[rng.randrange(len(specs))]
         jitter = (rng.uniform(-0.025, 0.025), rng.uniform(-0.025, 0.025))
         name = f"{i:06d}.png"
-        render(spec, resolution, jitter).save(out / name, optimize=False)
+        image = render(spec, resolution, jitter)
+        image.save(out / name, optimize=False)
         record = {"file_name": name, "text": caption(spec, rng.randrange(len(_TEMPLATES))), **asdict(spec)}
+        if doodles:
+            record["conditioning_image"] = f"{DOODLE_DIR}/{name}"
+            Image.fromarray(doodle_from_image(np.asarray(image), seed=i)).save(out / record["conditioning_image"],
+                                                                               optimize=False)
         lines.append(json.dumps(record))
     (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     info = {
         "kind": "shapes", "num_images": num_images, "resolution": resolution, "seed": seed,
-        "held_out_pairs": sorted(map(list, HELD_OUT_PAIRS)),
+        "held_out_pairs": sorted(map(list, HELD_OUT_PAIRS)), "doodles": doodles,
     }
     (out / "dataset_info.json").write_text(json.dumps(info, indent=2))
     return info
@@ -149,6 +161,17 @@ def eval_prompts(per_pair: int = 8, seed: int = 1234) -> list[tuple[ShapeSpec, s
                                  list(BACKGROUNDS)[rng.randrange(len(BACKGROUNDS))])
                 out.append((spec, caption(spec, 0)))
     return out
+
+
+def doodle_eval_items(per_pair: int = 4, seed: int = 4321, resolution: int = 32
+                      ) -> list[tuple[ShapeSpec, str, np.ndarray]]:
+    """The fixed doodle evaluation set: `eval_prompts` (every pair, layouts cycled) with the outline doodle of
+    each spec's rendering, (spec, prompt, (R, R, 3) uint8 doodle). The doodle fixes where the shape goes and
+    its outline; the prompt names its colour."""
+    from pipeline.doodle import doodle_from_image
+
+    return [(spec, prompt, doodle_from_image(np.asarray(render(spec, resolution)), seed=k))
+            for k, (spec, prompt) in enumerate(eval_prompts(per_pair, seed))]
 
 
 _PARSE = re.compile(
@@ -185,21 +208,33 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     return names[int(dist.argmin())]
 
 
-def analyse(image: Image.Image) -> dict[str, str] | None:
-    """Read colour, shape, size, position and background off an image; None when no object is found."""
+def _find_object(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(background colour, per-pixel colour distance from it, mask of the largest connected region that differs
+    from it) of an (R, R, 3) float image; the background is the median colour of the border pixels."""
     from scipy import ndimage  # scipy is in the stack; imported here to keep CLI start-up fast
 
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    res = arr.shape[0]
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
     bg_rgb = np.median(border, axis=0)
     dist = np.sqrt(((arr - bg_rgb) ** 2).sum(-1))
     mask = dist > 60
     labels, n = ndimage.label(mask)
     if n == 0:
-        return None
+        return bg_rgb, dist, mask
     sizes = ndimage.sum(mask, labels, range(1, n + 1))
-    obj = labels == (int(np.argmax(sizes)) + 1)
+    return bg_rgb, dist, labels == (int(np.argmax(sizes)) + 1)
+
+
+def object_mask(image: Image.Image) -> np.ndarray:
+    """(R, R) bool: the pixels of the image's object (the largest region unlike the background), as the scorer
+    sees it; all False for a blank image. Compared with a doodle's filled mask to measure outline adherence."""
+    return _find_object(np.asarray(image.convert("RGB"), dtype=np.float32))[2]
+
+
+def analyse(image: Image.Image) -> dict[str, str] | None:
+    """Read colour, shape, size, position and background off an image; None when no object is found."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    res = arr.shape[0]
+    bg_rgb, dist, obj = _find_object(arr)
     if obj.sum() < 4:
         return None
     ys, xs = np.nonzero(obj)

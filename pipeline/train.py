@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -21,9 +22,9 @@ from pipeline.config import Config
 from pipeline.dataset import batch_loader, open_training_data, random_flip
 from pipeline.encoders import EmbeddingCache, build_encoder, context_stats, standardize
 from pipeline.errors import TrainingDiverged, UserError
-from pipeline.model_dir import save_model
+from pipeline.model_dir import load_model, save_model
 from pipeline.network import ModelSpec, build_unet
-from pipeline.objective import cfg_dropout, diffusion_loss
+from pipeline.objective import cfg_dropout, diffusion_loss, image_dropout
 from pipeline.tracking import JsonlLogger, Loggers, MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def model_spec(cfg: Config, encoder, context_dim: int, context_stats: dict | Non
         max_length=encoder.max_length, clip_path=cfg.context.clip_path, attach=cfg.context.attach,
         categories=getattr(encoder, "categories", None), context_dim=context_dim,
         prediction_type=cfg.diffusion.prediction_type, context_stats=context_stats,
+        condition_channels=3 if cfg.context.image_condition else 0,
     )
 
 
@@ -53,6 +55,29 @@ def unet_from_config(spec: ModelSpec, cfg: Config):
     m = cfg.model
     return build_unet(spec, m.block_out_channels, m.layers_per_block, m.attention_levels, m.attention_head_dim,
                       m.norm_num_groups, m.scale_shift)
+
+
+def unet_from_init(init, spec: ModelSpec, cfg: Config):
+    """train.init_from: the given model's UNet, extended with the condition channels this config adds. Its
+    architecture, encoder and noise schedule must be the ones this config describes."""
+    from pipeline.network import extend_condition_channels
+
+    keys = ("resolution", "patch_size", "coord_channels", "coord_frequencies", "encoder", "encoder_id", "max_length",
+            "attach", "context_dim", "prediction_type")
+    differ = [f"context/data {k}: {getattr(init.spec, k)} vs {getattr(spec, k)}" for k in keys
+              if getattr(init.spec, k) != getattr(spec, k)]
+    if init.scheduler_config.get("beta_schedule") != cfg.diffusion.beta_schedule:
+        differ.append(f"diffusion.beta_schedule: {init.scheduler_config.get('beta_schedule')} vs "
+                      f"{cfg.diffusion.beta_schedule}")
+    unet, _ = extend_condition_channels(init.unet, init.spec, spec.condition_channels)
+    fresh = dict(unet_from_config(spec, cfg).config)
+    plain = lambda v: json.loads(json.dumps(v))  # noqa: E731 - tuples and lists compare equal
+    differ += [f"model {k}: {plain(unet.config[k])} vs {plain(v)}" for k, v in fresh.items()
+               if not k.startswith("_") and plain(unet.config.get(k)) != plain(v)]
+    if differ:
+        raise UserError(f"train.init_from {init.path} does not match this config ({'; '.join(differ)}): set the "
+                        "config's model, data and context sections to the init model's (its train_config.yaml)")
+    return unet
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -113,15 +138,18 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
     # data and context: images decoded once, captions encoded once (rank 0 first: it fills the disk caches)
     with part.main_first():
-        data = open_training_data(cfg.data, cfg.ingest)
+        data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
         encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
+    init = load_model(t.init_from) if t.init_from else None  # fine-tune (or extend) an existing model
     stats = context_stats(table) if cfg.context.standardize and table.tokens is not None else None
+    if init is not None:
+        stats = init.spec.context_stats  # the context scaled as the weights learned it
     table = standardize(table, stats)
     table = type(table)(*[None if a is None else a.to(device) for a in table.astuple()])
     n = len(data.captions)
 
     spec = model_spec(cfg, encoder, 0 if table.tokens is None else table.tokens.shape[-1], stats)
-    unet = unet_from_config(spec, cfg).to(device)
+    unet = (unet_from_init(init, spec, cfg) if init else unet_from_config(spec, cfg)).to(device)
     if t.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     scheduler = make_train_scheduler(cfg)
@@ -183,17 +211,17 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     tick, tick_step = time.perf_counter(), step
     while step < t.max_steps:
         for micro in range(t.grad_accum):
-            idx, pixels = next(batches)  # the stream's samples step * samples_per_step + micro * batch_size + ...
-            x0 = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-            if cfg.data.random_flip:
-                x0 = random_flip(x0, cfg.seed, step * samples_per_step + micro * t.batch_size, part)
-            if t.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
+            idx, pixels, cond_pixels = next(batches)  # samples step * samples_per_step + micro * batch_size + ...
+            position = step * samples_per_step + micro * t.batch_size
+            x0 = _to_model_input(pixels, cfg, position, device, part)
+            cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part)
             rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator, part)
+            if cond is not None:  # the condition image has its own dropout, for image guidance
+                cond = image_dropout(cond, data.has_condition[idx], cfg.context.image_dropout, generator, part)
             with distributed.accumulating(ddp, last_micro_batch=micro == t.grad_accum - 1):
                 with torch.autocast(**autocast):
                     loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
-                                          cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma, part)
+                                          cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma, part, cond)
                 (loss / t.grad_accum).backward()
         loss_value = part.mean(loss)  # the global batch's loss: every rank takes the same decisions below
         if not math.isfinite(loss_value):
@@ -228,6 +256,14 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     ema.copy_to(unet.parameters())  # the shipped model carries the EMA weights
     unet = unet.to(memory_format=torch.contiguous_format)
     return part.from_main(save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json")))
+
+
+def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part) -> torch.Tensor:
+    """uint8 images to [-1, 1] on the device; an image and its condition image get the same random flip."""
+    x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if cfg.data.random_flip:
+        x = random_flip(x, cfg.seed, position, part)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
 
 
 def _progress(total: int, initial: int, enabled: bool):

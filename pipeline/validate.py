@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.config import ValidationConfig
 from pipeline.errors import UserError
-from pipeline.prepared import SHARD_PATTERN, PreparedDataset, open_prepared
+from pipeline.prepared import CONDITIONS_DIR, IMAGES_DIR, SHARD_PATTERN, PreparedDataset, open_prepared
 
 REQUIRED_COLUMNS = ("id", "caption", "split", "sha256", "shard", "index", "pixel_std", "near_duplicate_of")
 WORD = re.compile(r"[^\W\d_]+", re.UNICODE)  # words of letters: digits and punctuation do not widen a vocabulary
@@ -76,24 +76,34 @@ class ValidationResult:
 
 def _shard_shape(ds: PreparedDataset) -> tuple[str, int]:
     """The common image shape of all shards ("RxRx3") and their total rows; a missing, unreadable or odd
-    shard is named in the shape string so the image_shape check fails with the reason."""
+    shard is named in the shape string so the image_shape check fails with the reason. Condition shards, when
+    the dataset has them, must match the image shards shard for shard (same rows, same shape)."""
     import numpy as np
 
-    shapes, rows = set(), 0
+    shapes, rows, out_of_step = set(), 0, None
+    folders = [IMAGES_DIR, CONDITIONS_DIR] if ds.has_conditions else [IMAGES_DIR]
     for i in range(int(ds.info.get("num_shards", 0))):
-        f = ds.path / "shards" / SHARD_PATTERN.format(i)
-        try:
-            arr = np.load(f, mmap_mode="r")  # header only: no pixels are read
-        except FileNotFoundError:
-            return f"missing {f.name}", rows
-        except (OSError, ValueError) as e:
-            return f"unreadable {f.name} ({e})", rows
-        if arr.ndim != 4 or arr.dtype != np.uint8:
-            return f"{f.name}: {arr.dtype} array of shape {arr.shape}, expected (n, R, R, 3) uint8", rows
-        shapes.add("x".join(map(str, arr.shape[1:])))
-        rows += arr.shape[0]
+        lengths = []
+        for folder in folders:
+            f = ds.path / folder / SHARD_PATTERN.format(i)
+            name = f"{folder}/{f.name}"
+            try:
+                arr = np.load(f, mmap_mode="r")  # header only: no pixels are read
+            except FileNotFoundError:
+                return f"missing {name}", rows
+            except (OSError, ValueError) as e:
+                return f"unreadable {name} ({e})", rows
+            if arr.ndim != 4 or arr.dtype != np.uint8:
+                return f"{name}: {arr.dtype} array of shape {arr.shape}, expected (n, R, R, 3) uint8", rows
+            shapes.add("x".join(map(str, arr.shape[1:])))
+            lengths.append(arr.shape[0])
+        if len(set(lengths)) > 1 and out_of_step is None:
+            out_of_step = f"{CONDITIONS_DIR}/{SHARD_PATTERN.format(i)}: {lengths[1]} rows, its image shard {lengths[0]}"
+        rows += lengths[0]
     if not shapes:
         return "no shards", rows
+    if out_of_step:
+        return out_of_step, rows
     return (shapes.pop() if len(shapes) == 1 else "mixed: " + ", ".join(sorted(shapes))), rows
 
 

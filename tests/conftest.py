@@ -67,6 +67,37 @@ def trained_tiny(tmp_path_factory, shapes_data) -> Path:
     return train(cfg, progress=False)
 
 
+@pytest.fixture(scope="session")
+def doodle_model(trained_tiny, tmp_path_factory):
+    """The tiny text-only model extended with condition channels, whose new weights are then made non-zero
+    (as training would) so the doodle matters. A LoadedModel; its folder is `.path`."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from pipeline.model_dir import load_model, save_model
+    from pipeline.network import extend_condition_channels
+
+    model = load_model(trained_tiny)
+    unet, spec = extend_condition_channels(model.unet, model.spec, 3)
+    with torch.no_grad():
+        w = unet.conv_in.weight
+        w[:, -12:] = torch.randn(w[:, -12:].shape, generator=torch.Generator().manual_seed(0)) * w[:, :12].std()
+    out = tmp_path_factory.mktemp("doodle_model") / "model"
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    return load_model(save_model(out, unet, scheduler, spec))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the CI machine has 2 shared cores); the count is restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     import subprocess
 

@@ -25,7 +25,8 @@ def test_loader_follows_the_training_stream_with_any_worker_count(data):
     for workers in (0, 2):
         it = batch_loader(d.images, seed=3, start=start, batch_size=bs, workers=workers, pin_memory=False)
         for k in range(5):
-            idx, pixels = next(it)
+            idx, pixels, cond = next(it)
+            assert cond is None  # a text-only run reads no condition images
             assert idx.tolist() == batch_indices(n, 3, start + k * bs, bs).tolist()
             ref = torch.from_numpy(d.dataset.images(d.images.rows[idx.numpy()])).permute(0, 3, 1, 2)
             assert torch.equal(pixels, ref) and pixels.dtype == torch.uint8

@@ -23,14 +23,7 @@ SHAPE = "a red circle (large) in the center, on white"  # in the tiny model's da
 OFF_DATA = "a dog on a beach at sunset"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores
 
 
 def gen_config(tmp: Path, tracking: dict | None = None, coverage: dict | None = None, **generation) -> Path:
@@ -292,3 +285,82 @@ def test_registry_alias_resolved_once_and_gallery_logged_to_mlflow(trained_tiny,
         "generation/gallery.html", "generation/manifest.jsonl", "generation/summary.json"]
     # writing the gallery again (an Airflow retry) updates the same MLflow run
     assert write_gallery(s["run_id"], config=cfg)["mlflow_run_id"] == g["mlflow_run_id"]
+
+
+# ------------------------------------------------------------------ prompts with a doodle
+
+
+def _sketch(path: Path, box: tuple[int, int, int, int]) -> Path:
+    """A user's sketch at its own size (64 px; the model makes 16 px images): a black rectangle outline on white."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(im).rectangle(box, outline="black", width=3)
+    im.save(path)
+    return path
+
+
+def _pixels(uri: str):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(uri) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_doodle_prompts_are_generated_with_their_doodle_once(doodle_model, tmp_path):
+    import numpy as np
+
+    from pipeline.doodle import load_doodle, open_image
+    from pipeline.sample import condition_tensor, generate
+
+    cfg = gen_config(tmp_path, image_guidance=2.0)
+    url = yaml.safe_load(cfg.read_text())["generation"]["store_url"]
+    square = _sketch(tmp_path / "square.png", (8, 8, 56, 56))
+    tall = _sketch(tmp_path / "tall.png", (24, 4, 40, 60))
+    a, plain, c = add(url, {"text": SHAPE, "num_images": 2, "condition_image": str(square)}, {"text": SHAPE},
+                      {"text": SHAPE, "condition_image": str(tall)})
+    cond = condition_tensor(load_doodle(open_image(square), 16))
+    square_sha = hashlib.sha256(square.read_bytes()).hexdigest()
+    square.unlink()  # the stored bytes are what the run uses
+    tall.unlink()
+    s = generate_shard(str(doodle_model.path), config=cfg)
+    assert (s["prompts"], s["images"], s["done"], s["failed"]) == (3, 4, 3, [])
+    assert (s["groups"], s["batches"]) == (2, 2)  # with and without a doodle; both doodle prompts share a batch
+    rows = outputs(url)
+    assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [(a, 0), (a, 1), (plain, 0), (c, 0)]
+    assert_objects_complete(rows)
+    by_id = {(r["prompt_id"], r["seed"]): r for r in rows}
+    assert by_id[a, 0]["settings"]["doodle_sha256"] == square_sha and by_id[a, 0]["settings"]["image_guidance"] == 2.0
+    assert by_id[c, 0]["settings"]["doodle_sha256"] != square_sha and "doodle_sha256" not in by_id[plain, 0]["settings"]
+
+    # the image follows its doodle: it is the one sampled with that doodle (up to one intensity level, another batch
+    # composition), and not the one sampled without it
+    def sample(cond_images):
+        return generate(doodle_model, [SHAPE], [0], steps=2, guidance=GenerationConfig().guidance,
+                        cond_images=cond_images, image_guidance=2.0)[0].permute(1, 2, 0).numpy().astype(np.int16)
+
+    made = _pixels(by_id[a, 0]["uri"])
+    assert np.abs(made - sample(cond.unsqueeze(0))).max() <= 1
+    assert np.abs(made - sample(None)).max() > 8
+
+    assert generate_shard(str(doodle_model.path), config=cfg)["images"] == 0  # exactly once
+    g = write_gallery(s["run_id"], config=cfg, summaries=[s])
+    manifest = [json.loads(x) for x in Path(g["manifest"]).read_text().splitlines()]
+    assert sorted(m["prompt_id"] for m in manifest if m.get("doodle_sha256")) == [a, a, c]
+    assert f"doodle {square_sha[:12]}" in Path(g["gallery"]).read_text()
+
+
+def test_a_doodle_prompt_fails_alone_on_a_text_only_model(trained_tiny, tmp_path):
+    cfg = gen_config(tmp_path)
+    url = yaml.safe_load(cfg.read_text())["generation"]["store_url"]
+    doodled, plain = add(url, {"text": SHAPE, "condition_image": str(_sketch(tmp_path / "d.png", (8, 8, 56, 56)))},
+                         {"text": SHAPE, "num_images": 2})
+    s = generate_shard(str(trained_tiny), config=cfg)
+    assert s["images"] == 2 and [(f["prompt_id"], f["kind"]) for f in s["failed"]] == [(doodled, "invalid")]
+    assert "trained without a condition image" in s["failed"][0]["reason"]
+    st = statuses(url)
+    assert st[plain] == ("done", None) and st[doodled][0] == "failed"
+    assert "trained without a condition image" in st[doodled][1]
+    assert sorted((r["prompt_id"], r["seed"]) for r in outputs(url)) == [(plain, 0), (plain, 1)]
+    assert generate_shard(str(trained_tiny), config=cfg)["prompts"] == 0  # blocking for this version: not retried

@@ -272,3 +272,172 @@ def test_cli_ingest_summary_and_clear_errors(corpus, tmp_path):
     r = run_cli("data", "ingest", str(empty), "--name", "e", env=env)
     assert r.returncode == 2 and "no usable items" in r.stderr and "a.png" in r.stderr
     shutil.rmtree(tmp_path / "prepared")
+
+
+# ---------------------------------------------------------------- condition images (sketch-conditioned models)
+
+COND = "conditioning_image"
+
+
+def condition_corpus(root: Path) -> dict[str, str | None]:
+    """An imagefolder whose items name condition images (some bad, some absent); returns {image file: what its
+    condition column should become} with "bad" for items quarantined for their condition image."""
+    (root / "cond").mkdir(parents=True)
+    lines, expected = [], {}
+    for i in range(10):
+        name = f"img{i}.png"
+        (root / name).write_bytes(noise_png(70 + i))
+        cond = f"cond/c{i}.png"
+        if i < 4:
+            (root / cond).write_bytes(noise_png(200 + i, (48, 48)))  # another size: prepared like the image
+            expected[name] = cond
+        rec = {"file_name": name, "text": f"item {i}", COND: cond}
+        if i == 4:
+            (root / cond).write_bytes(b"not an image at all")
+        if i in (4, 5, 8, 9):  # corrupt, missing, outside the dataset, not a file name
+            expected[name] = "bad"
+        if i == 6:
+            rec[COND] = None
+        if i == 7:
+            rec[COND] = "  "
+        if i in (6, 7):
+            expected[name] = None
+        if i == 8:
+            rec[COND] = "../elsewhere.png"
+        if i == 9:
+            rec[COND] = 42
+        lines.append(json.dumps(rec))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def conditions_by_item(ds) -> dict[str, str | None]:
+    """source_uri -> manifest column `condition` (None where null), in manifest order."""
+    return {u: None if pd.isna(c) else c for u, c in zip(ds.manifest["source_uri"], ds.manifest["condition"],
+                                                         strict=True)}
+
+
+def test_condition_column_prepares_condition_images_and_quarantines_bad_ones(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.ingest import prepare_image
+    from pipeline.prepared import compute_version
+
+    expected = condition_corpus(tmp_path / "src")
+    info = ingest(str(tmp_path / "src"), tmp_path / "out", 32, IngestConfig(workers=2, chunk_size=3),
+                  condition_column=COND, progress=False)
+    ds = open_prepared(tmp_path / "out")
+    q = {r["item"]: r for r in ds.quarantine()}
+    assert {k: v["kind"] for k, v in q.items()} == {k: "bad_condition_image" for k, v in expected.items()
+                                                     if v == "bad"}
+    assert "cond/c4.png" in q["img4.png"]["reason"] and "not an image" in q["img4.png"]["reason"]
+    assert "not found" in q["img5.png"]["reason"] and "outside" in q["img8.png"]["reason"]
+    kept = conditions_by_item(ds)
+    assert kept == {k: v for k, v in expected.items() if v != "bad"}
+    assert ds.has_conditions and info["num_conditions"] == 4 and ds.info["num_conditions"] == 4
+    cfg = IngestConfig()
+    for row, (uri, cond) in enumerate(kept.items()):
+        got = ds.conditions([row])[0]
+        if cond is None:
+            assert (got == 255).all()  # no condition image: a blank page
+        else:
+            want = prepare_image((tmp_path / "src" / cond).read_bytes(), 32, cfg)[0]
+            assert np.array_equal(got, want), uri
+        assert np.array_equal(ds.images([row])[0], prepare_image((tmp_path / "src" / uri).read_bytes(), 32, cfg)[0])
+    assert np.array_equal(ds.conditions(np.arange(len(ds)))[2], ds.conditions([2])[0])
+    # the version covers the condition images
+    shard = tmp_path / "out" / "conditions" / "shard-00000.npy"
+    arr = np.load(shard)
+    arr[0, 0, 0, 0] ^= 1
+    np.save(shard, arr)
+    assert compute_version(tmp_path / "out") != ds.version
+    # no item names a condition in that column: most likely a typo, said so
+    with pytest.raises(UserError, match="no item names a condition image in 'sketch'"):
+        ingest(str(tmp_path / "src"), tmp_path / "typo", 32, IngestConfig(workers=1), condition_column="sketch",
+               progress=False)
+
+
+def test_doodles_fill_missing_conditions_deterministically(tmp_path):
+    from pipeline.doodle import doodle_from_image
+
+    condition_corpus(tmp_path / "src")
+    one, two = tmp_path / "one" / "ds", tmp_path / "two" / "ds"
+    ingest(str(tmp_path / "src"), one, 32, IngestConfig(workers=1, doodles=True), condition_column=COND,
+           progress=False)
+    ingest(str(tmp_path / "src"), two, 32, IngestConfig(workers=2, chunk_size=3, doodles=True),
+           condition_column=COND, progress=False)
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert Path("conditions/shard-00000.npy") in files
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    ds = open_prepared(one)
+    m = ds.manifest.set_index("source_uri")
+    assert m.loc["img0.png", "condition"] == "cond/c0.png"  # its own condition image wins
+    assert m.loc["img6.png", "condition"] == m.loc["img7.png", "condition"] == "doodle"
+    assert ds.info["num_conditions"] == len(ds) == 6
+    row = list(m.index).index("img6.png")
+    seed = int(m.loc["img6.png", "id"], 16)  # the item id: the same doodle on every run
+    assert np.array_equal(ds.conditions([row])[0], doodle_from_image(ds.images([row])[0], seed))
+
+
+def test_doodles_for_a_plain_image_text_set(tmp_path):
+    folder = tmp_path / "folder"
+    items = _small_set(folder)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": c}) + "\n"
+                                                  for n, (_, c) in items.items()))
+    plain = ingest(str(folder), tmp_path / "plain", 32, IngestConfig(workers=1), progress=False)
+    info = ingest(str(folder), tmp_path / "doodled", 32, IngestConfig(workers=1, doodles=True), progress=False)
+    ds = open_prepared(tmp_path / "doodled")
+    assert info["num_conditions"] == info["num_items"] == 6 and (ds.manifest["condition"] == "doodle").all()
+    doodles = ds.conditions(np.arange(6))
+    assert ((doodles == 0) | (doodles == 255)).all() and (doodles == 0).any()
+    assert info["version"] != plain["version"] and _content(tmp_path / "doodled") == _content(tmp_path / "plain")
+
+
+def test_datasets_without_conditions_still_open(ingested, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import UserError
+
+    ds = open_prepared(ingested)
+    assert not ds.has_conditions and ds.info["num_conditions"] == 0 and not (ingested / "conditions").exists()
+    assert ds.manifest["condition"].isna().all()
+    with pytest.raises(UserError, match="no condition images"):
+        ds.conditions([0])
+    # a dataset written before condition images existed: no manifest column, no dataset.json count
+    old = Path(shutil.copytree(ingested, tmp_path / "old"))
+    pq.write_table(pq.read_table(old / "manifest.parquet").drop_columns(["condition"]), old / "manifest.parquet")
+    info = json.loads((old / "dataset.json").read_text())
+    del info["num_conditions"]
+    (old / "dataset.json").write_text(json.dumps(info))
+    old_ds = open_prepared(old)
+    assert not old_ds.has_conditions and "condition" not in old_ds.manifest.columns
+    assert np.array_equal(old_ds.images([0, 3]), ds.images([0, 3]))
+
+
+def test_condition_column_sources_and_clear_errors(tmp_path, monkeypatch):
+    from conftest import invoke
+
+    from pipeline.errors import UserError
+
+    expected = condition_corpus(tmp_path / "src")
+    rows = ["file_name,text,sketch"] + [f"{n},a caption {n},{v or ''}" for n, v in expected.items() if v != "bad"]
+    (tmp_path / "src" / "data.csv").write_text("\n".join(rows) + "\n")
+    ingest(str(tmp_path / "src" / "data.csv"), tmp_path / "csv", 32, IngestConfig(workers=1),
+           condition_column="sketch", progress=False)
+    assert conditions_by_item(open_prepared(tmp_path / "csv")) == {k: v for k, v in expected.items() if v != "bad"}
+    with pytest.raises(UserError, match="no 'sketchy' condition image column"):
+        ingest(str(tmp_path / "src" / "data.csv"), tmp_path / "x", 32, IngestConfig(workers=1),
+               condition_column="sketchy", progress=False)
+    with tarfile.open(tmp_path / "part.tar", "w") as tar:
+        tar.add(tmp_path / "src" / "img0.png", "a.png")
+    with pytest.raises(UserError, match="--condition-column works with imagefolder"):
+        ingest(str(tmp_path / "part.tar"), tmp_path / "x", 32, IngestConfig(workers=1), condition_column=COND,
+               progress=False)
+    monkeypatch.setenv("DIFFUSE_DATA_ROOT", str(tmp_path / "prepared"))
+    r = invoke("data", "ingest", str(tmp_path / "src"), "--name", "c", "--resolution", "16", "--workers", "1",
+               "--condition-column", COND, "--doodles")
+    assert r.exit_code == 0, r.output
+    assert "condition images" in r.output and "bad_condition_image" in r.output
+    ds = open_prepared(tmp_path / "prepared" / "c")
+    assert ds.info["num_conditions"] == 6 and ds.info["ingest"]["doodles"] is True

@@ -169,7 +169,7 @@ def _flat(text: str) -> str:
 def test_prompts_cli(tmp_path):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     r = run_cli("prompts", "migrate", "--store", url)
-    assert r.returncode == 0 and "schema at 0001 (was empty)" in _flat(r.stdout), r.stderr
+    assert r.returncode == 0 and "schema at 0002 (was empty)" in _flat(r.stdout), r.stderr
     r = run_cli("prompts", "add", "a small blue square", "--guidance", "2", "-n", "3", "--priority", "2",
                 "--store", url)
     assert r.returncode == 0 and "added prompt 1" in r.stdout, r.stderr
@@ -185,3 +185,119 @@ def test_prompts_cli(tmp_path):
         (1, "a small blue square", 2.0, 3, "pending"), (2, "a red circle", 4.0, 1, "pending")]
     r = run_cli("prompts", "list", "--status", "nope", "--store", url)
     assert r.returncode == 2 and "unknown status" in r.stderr
+
+
+# ------------------------------------------------------------------ prompts with a doodle (a condition image)
+
+
+def write_doodle(path, box: tuple[int, int, int, int], size: int = 64):
+    """A sketch file: a black rectangle outline on white (any size: the model's resolution is applied later)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(im).rectangle(box, outline="black", width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+def test_doodle_bytes_round_trip_and_outlive_the_file(store_url, tmp_path):  # noqa: F811
+    import hashlib
+
+    a = write_doodle(tmp_path / "a.png", (10, 10, 50, 50))
+    b = write_doodle(tmp_path / "b.png", (20, 5, 40, 60))
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    store = open_store(store_url)
+    rows = [parse_prompt({"text": "a red square", **extra}, GC) for extra in (
+        {"condition_image": str(a)}, {"condition_image": str(b)}, {"condition_image": str(a)}, {})]
+    ids = store.add(rows, check=GC)
+    store.close()
+    a.unlink()  # a batch run months later must not need the file
+    b.unlink()
+    store = open_store(store_url)
+    with_a, with_b, with_a_again, plain = store.prompts(ids)
+    store.close()
+    assert with_a.condition_image == a_bytes and with_b.condition_image == b_bytes  # exact bytes back
+    assert with_a.condition_sha256 == hashlib.sha256(a_bytes).hexdigest()
+    # the same text with another doodle is another request; with the same doodle, the same one
+    assert with_a.condition_sha256 != with_b.condition_sha256
+    assert with_a_again.condition_sha256 == with_a.condition_sha256
+    assert plain.condition_image is None and plain.condition_sha256 is None
+    assert with_b.params()["condition_sha256"] == hashlib.sha256(b_bytes).hexdigest()
+
+
+def test_unreadable_doodle_is_a_user_error_at_parse_time(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UserError, match="doodle not found: .*missing.png"):
+        parse_prompt({"text": "x", "condition_image": str(tmp_path / "missing.png")}, GC)
+    with pytest.raises(UserError, match="notes.png is not a readable image"):
+        parse_prompt({"text": "x", "condition_image": "notes.png"}, GC, base_dir=tmp_path)
+
+
+def test_import_with_doodles_rejects_only_the_bad_records(store_url, tmp_path):  # noqa: F811
+    d = tmp_path / "batch"
+    write_doodle(d / "sketches" / "square.png", (10, 10, 50, 50))
+    (d / "sketches" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    jsonl = d / "p.jsonl"
+    jsonl.write_text('{"text": "a square", "condition_image": "sketches/square.png"}\n'
+                     '{"text": "gone", "condition_image": "sketches/missing.png"}\n'
+                     '{"text": "broken", "condition_image": "sketches/broken.png"}\n'
+                     '{"text": "no doodle"}\n')
+    store = open_store(store_url)
+    r = import_file(store, jsonl, GC)
+    assert r["added"] == 2
+    assert [(x["line"], x["reason"].split(" (")[0]) for x in r["rejected"]] == [
+        (2, f"doodle not found: {d / 'sketches' / 'missing.png'}"),
+        (3, f"doodle {d / 'sketches' / 'broken.png'} is not a readable image")]
+    square, plain = store.prompts(r["ids"])
+    assert square.condition_image == (d / "sketches" / "square.png").read_bytes() and plain.condition_image is None
+    csv = d / "p.csv"
+    csv.write_text("text,condition_image\nfrom csv,sketches/square.png\nplain csv,\n")
+    r2 = import_file(store, csv, GC)
+    assert r2["added"] == 2 and r2["rejected"] == []
+    assert [p.condition_sha256 is not None for p in store.prompts(r2["ids"])] == [True, False]
+    store.close()
+
+
+def test_an_existing_store_migrates_in_place_and_keeps_its_prompts(store_url, tmp_path):  # noqa: F811
+    from sqlalchemy import text
+
+    from pipeline.prompt_store.store import _engine, migrate
+
+    engine = _engine(store_url)
+    assert migrate(engine, "0001") == (None, "0001")  # a store made before doodles existed
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO prompts (text, negative_prompt, sampler, steps, guidance, seed, num_images, "
+                          "priority, status) VALUES ('an old prompt', '', 'dpmpp', 7, 3.0, 0, 1, 0, 'pending')"))
+    engine.dispose()
+    r = run_cli("prompts", "migrate", "--store", store_url)
+    assert r.returncode == 0 and "schema at 0002 (was 0001)" in _flat(r.stdout), r.stderr
+    store = open_store(store_url)
+    (old,) = store.prompts()
+    assert (old.text, old.steps, old.condition_image, old.condition_sha256) == ("an old prompt", 7, None, None)
+    (new,) = store.add([parse_prompt({"text": "new", "condition_image": str(
+        write_doodle(tmp_path / "d.png", (5, 5, 30, 30)))}, GC)])
+    assert store.prompts([new])[0].condition_image == (tmp_path / "d.png").read_bytes()
+    assert store.pending("m", "1") == [old.id, new]
+    store.close()
+
+
+def test_prompts_cli_with_a_doodle(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    (tmp_path / "sketch.txt").write_text("not an image")
+    for bad, why in (("missing.png", "doodle not found"), ("sketch.txt", "is not a readable image")):
+        r = run_cli("prompts", "add", "a red square", "--doodle", str(tmp_path / bad), "--store", url)
+        assert r.returncode == 2 and why in _flat(r.stderr) and "Traceback" not in r.stderr, r.stderr
+    doodle = write_doodle(tmp_path / "sketch.png", (10, 10, 50, 50))
+    r = run_cli("prompts", "add", "a red square", "--doodle", str(doodle), "--store", url)
+    assert r.returncode == 0 and "added prompt 1" in r.stdout, r.stderr  # the failed adds stored nothing
+    r = run_cli("prompts", "add", "a blue circle", "--store", url)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("prompts", "list", "--json", "--store", url)
+    import hashlib
+
+    sha = hashlib.sha256(doodle.read_bytes()).hexdigest()
+    assert [(x["id"], x["condition_sha256"]) for x in map(json.loads, r.stdout.splitlines())] == [(1, sha), (2, None)]
+    r = run_cli("prompts", "list", "--store", url, env={"COLUMNS": "200"})  # table cells unwrapped
+    rows = {line.split("│")[2].strip(): line for line in r.stdout.splitlines() if line.count("│") > 2}
+    assert f"doodle {sha[:12]}" in rows["a red square"] and "doodle" not in rows["a blue circle"]

@@ -56,3 +56,53 @@ def test_eval_prompts_cover_every_pair():
     items = shapes.eval_prompts(4)
     pairs = {(s.colour, s.shape) for s, _ in items}
     assert len(items) == 72 and len(pairs) == 18 and shapes.HELD_OUT_PAIRS <= pairs
+
+
+def test_object_mask_is_the_shape():
+    import numpy as np
+
+    square = shapes.render(shapes.ShapeSpec("orange", "square", "large", "center", "gray"), 32)
+    mask = shapes.object_mask(square)
+    assert mask.shape == (32, 32) and mask.dtype == bool
+    assert abs(int(mask.sum()) - 16 * 16) <= 16  # a 16 px square, give or take its anti-aliased rim
+    assert mask[16, 16] and not mask[2, 2]
+    assert not shapes.object_mask(Image.new("RGB", (32, 32), (128, 128, 128))).any()
+    triangle = shapes.render(shapes.ShapeSpec("blue", "triangle", "small", "top left", "white"), 32)
+    tri = shapes.object_mask(triangle)
+    assert tri[:16, :16].sum() > 0.9 * tri.sum()  # where it was drawn
+    assert np.array_equal(shapes.object_mask(triangle.transpose(Image.Transpose.ROTATE_90)), np.rot90(tri))
+
+
+def test_shapes_cli_writes_doodles_named_in_metadata(tmp_path):
+    import numpy as np
+    from conftest import invoke
+
+    from pipeline.doodle import doodle_from_image
+
+    result = invoke("data", "shapes", "--out", str(tmp_path / "d"), "--num", "5", "--resolution", "32", "--doodles")
+    assert result.exit_code == 0, result.output
+    recs = [json.loads(x) for x in (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["conditioning_image"] for r in recs] == [f"doodles/{i:06d}.png" for i in range(5)]
+    for i, r in enumerate(recs):
+        image = np.asarray(Image.open(tmp_path / "d" / r["file_name"]))
+        doodle = np.asarray(Image.open(tmp_path / "d" / r["conditioning_image"]))
+        assert np.array_equal(doodle, doodle_from_image(image, seed=i))
+        assert (doodle == 0).any()
+    shapes.make_dataset(tmp_path / "plain", 5, resolution=32)
+    assert "conditioning_image" not in (tmp_path / "plain" / "metadata.jsonl").read_text()
+    assert not (tmp_path / "plain" / "doodles").exists()
+
+
+def test_doodle_eval_items_outline_every_pair():
+    from pipeline.doodle import filled_mask, iou
+
+    items = shapes.doodle_eval_items(4, resolution=32)
+    assert [(s, p) for s, p, _ in items] == shapes.eval_prompts(4, 4321)
+    assert shapes.HELD_OUT_PAIRS <= {(s.colour, s.shape) for s, _, _ in items}
+    overlap = []
+    for spec, _, doodle in items:
+        assert doodle.shape == (32, 32, 3)
+        overlap.append(iou(filled_mask(doodle), shapes.object_mask(shapes.render(spec, 32))))
+    # the ceiling a perfect generation reaches: the filled doodle also holds the outer half of its ~2 px line,
+    # a large share of a small shape at 32 px
+    assert min(overlap) > 0.55 and sum(overlap) / len(overlap) > 0.7

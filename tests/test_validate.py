@@ -174,3 +174,21 @@ def test_user_mistakes_exit_2(dataset, tmp_path):
     cfg.write_text(yaml.safe_dump({"validation": {"severity": {"caption_colour": "soft"}}}))
     res = cli(str(dataset), "--config", str(cfg))
     assert res.exit_code == 2 and "unknown checks" in res.output and "Traceback" not in res.output
+
+
+def test_condition_shards_are_checked_with_the_image_shards(tmp_path):
+    import numpy as np
+
+    from pipeline import shapes
+    from pipeline.ingest import ingest
+
+    shapes.make_dataset(tmp_path / "src", 24, resolution=16, seed=0, doodles=True)
+    out = tmp_path / "prepared" / "sketches"
+    ingest(str(tmp_path / "src"), out, 16, IngestConfig(workers=1), condition_column="conditioning_image",
+           progress=False)
+    assert cli(str(out)).exit_code == 0 and failed(out) == set()
+    shard = out / "conditions" / "shard-00000.npy"
+    np.save(shard, np.load(shard)[:-2])  # condition rows out of step with the images
+    res = cli(str(out))
+    assert res.exit_code == 1 and failed(out) == {"image_shape"}
+    assert "conditions/shard-00000.npy" in checks(out)["checks"]["image_shape"]["observed"]

@@ -1,7 +1,7 @@
 """The prompt store: prompts people add, and the images generated from them (SQLAlchemy; SQLite or Postgres).
 
     store = open_store("sqlite:///prompts.db")     # upgrades the schema to the newest migration first
-    ids = store.add([{"text": "a red circle", "guidance": 5}], GenerationConfig())
+    ids = store.add([parse_prompt({"text": "a red circle", "condition_image": "sketch.png"}, GenerationConfig())])
     store.pending("shapes", "3")                    # prompt ids with images still missing for that version
 
 Tables and their meaning: pipeline/prompt_store/models.py. Schema changes: Alembic migrations in
@@ -9,6 +9,17 @@ pipeline/prompt_store/migrations/versions/ (a new one: `alembic -x url=... revis
 `alembic_config()` from store.py, or write it by hand like 0001_initial.py).
 """
 
-from pipeline.prompt_store.store import PromptStore, import_file, migrate, open_store, parse_prompt, problems, store_url
+from pipeline.prompt_store.store import (
+    PromptStore,
+    import_file,
+    migrate,
+    open_image_bytes,
+    open_store,
+    parse_prompt,
+    problems,
+    read_doodle,
+    store_url,
+)
 
-__all__ = ["PromptStore", "import_file", "migrate", "open_store", "parse_prompt", "problems", "store_url"]
+__all__ = ["PromptStore", "import_file", "migrate", "open_image_bytes", "open_store", "parse_prompt", "problems",
+           "read_doodle", "store_url"]

@@ -2,7 +2,8 @@
 migrations in migrations/versions/; tests/test_prompts_store.py checks that these models and the migrated
 schema agree.
 
-    prompts   what people asked for: text + generation parameters + priority + status of its latest run
+    prompts   what people asked for: text + generation parameters + priority + status of its latest run; a prompt
+              may carry a condition image (a doodle), stored as its bytes so a run months later needs no file
     outputs   one row per generated image, unique on (prompt, model name, model version, seed)
     failures  why a prompt could not be generated for a model version; `blocking` ones (the prompt itself is
               bad for that model, or the coverage policy skipped it) keep it out of later runs for that version
@@ -22,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -57,6 +59,9 @@ class Prompt(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     init_image_uri: Mapped[str | None] = mapped_column(Text, nullable=True)  # img2img: local path or s3:// URI
     strength: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # a doodle for models trained with a condition image: the file's bytes as added, and their sha256
+    condition_image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    condition_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # the outcome of the latest generation run that processed the prompt (pending until one did)
@@ -71,7 +76,7 @@ class Prompt(Base):
     def params(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance, "size": self.size,
                 "seed": self.seed, "num_images": self.num_images, "init_image_uri": self.init_image_uri,
-                "strength": self.strength}
+                "strength": self.strength, "condition_sha256": self.condition_sha256}
 
 
 class Output(Base):
@@ -88,7 +93,7 @@ class Output(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     image_uri: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
-    settings: Mapped[dict] = mapped_column(JSON)  # the effective sampler/steps/guidance/size/init/strength
+    settings: Mapped[dict] = mapped_column(JSON)  # the effective sampler/steps/guidance/size/init/strength/doodle
     generate_seconds: Mapped[float] = mapped_column(Float)  # this image's share of its batch's sampling time
     write_seconds: Mapped[float] = mapped_column(Float)
     coverage_score: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_URL = "sqlite:///prompts.db"
 MAX_SEED = 2**63 - 1
+MAX_DOODLE_BYTES = 16 * 2**20  # stored in every prompt row that uses it
 SAMPLERS = get_args(GenerationConfig.model_fields["sampler"].annotation)
 
 
@@ -50,11 +52,13 @@ class PromptIn(BaseModel):
     num_images: int | None = None
     init_image: str | None = Field(None, alias="init_image_uri")
     strength: float | None = None
+    condition_image: str | None = None  # a doodle file: its bytes are stored, so the file may go afterwards
     priority: int = 0
 
 
-def parse_prompt(raw: dict, gc: GenerationConfig) -> dict:
-    """A raw record -> the prompts-table columns with defaults filled in; UserError when the record is malformed."""
+def parse_prompt(raw: dict, gc: GenerationConfig, base_dir: Path | None = None) -> dict:
+    """A raw record -> the prompts-table columns with defaults filled in; UserError when the record is malformed.
+    A `condition_image` (a path, relative to base_dir if given) is read here and must be a readable image."""
     # CSV cells are strings and an empty cell means "not given"
     raw = {k: (None if isinstance(v, str) and v == "" and k != "text" else v) for k, v in raw.items() if k}
     try:
@@ -65,13 +69,42 @@ def parse_prompt(raw: dict, gc: GenerationConfig) -> dict:
         msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise UserError(f"{where}: {msg}") from None
     init = p.init_image or None
+    doodle, doodle_sha = read_doodle(Path(base_dir or ".") / p.condition_image) if p.condition_image else (None, None)
     return {"text": p.text, "negative_prompt": p.negative_prompt or "", "sampler": p.sampler or gc.sampler,
             "steps": gc.steps if p.steps is None else p.steps,
             "guidance": gc.guidance if p.guidance is None else p.guidance, "size": p.size,
             "seed": gc.seed if p.seed is None else p.seed,
             "num_images": gc.num_images if p.num_images is None else p.num_images,
             "init_image_uri": init, "strength": (gc.strength if p.strength is None else p.strength) if init else
-            p.strength, "priority": p.priority}
+            p.strength, "condition_image": doodle, "condition_sha256": doodle_sha, "priority": p.priority}
+
+
+def open_image_bytes(data: bytes, what: str):
+    """Image bytes -> a fully decoded PIL image, or a UserError saying `what` is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.copy()  # closing frees the decoded pixels; the copy keeps them
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def read_doodle(path: Path) -> tuple[bytes, str]:
+    """A doodle file's bytes and their sha256, checked to be a readable image of a storable size."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_DOODLE_BYTES:
+            raise UserError(f"doodle {path} is {size / 2**20:.1f} MiB; the limit is {MAX_DOODLE_BYTES // 2**20} MiB "
+                            "(a sketch needs far less: save it as a PNG at a few hundred px)")
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(f"doodle not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"doodle {path} cannot be read: {e.strerror or e}") from None
+    open_image_bytes(data, f"doodle {path}")
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def problems(p: dict, gc: GenerationConfig) -> str | None:
@@ -432,15 +465,16 @@ def _read_records(path: Path) -> list[tuple[int, dict | str]]:
 
 
 def import_file(store: PromptStore, path: Path, gc: GenerationConfig) -> dict:
-    """Add every good record of a JSONL/CSV file (fields: see PromptIn); a bad record is reported with its line
-    number and left out, the rest are added."""
+    """Add every good record of a JSONL/CSV file (fields: see PromptIn; a condition_image path is relative to the
+    file); a bad record (an unreadable doodle too) is reported with its line number and left out, the rest are
+    added."""
     good, rejected = [], []
     for line, rec in _read_records(Path(path)):
         if isinstance(rec, str):
             rejected.append({"line": line, "reason": rec})
             continue
         try:
-            row = parse_prompt(rec, gc)
+            row = parse_prompt(rec, gc, base_dir=Path(path).parent)  # doodle paths are relative to the file
         except UserError as e:
             rejected.append({"line": line, "reason": str(e)})
             continue
