@@ -118,6 +118,9 @@ class ContextConfig(_Strict):
         "timestep embedding (every block's feature maps); both",
     )
     standardize: bool = Field(True, description="scale context channels to the training captions' spread")
+    whiten: bool = Field(False, description="also give every principal direction of the captions' embeddings the "
+                         "same spread, so words the encoder barely tells apart (MiniLM: left / right) weigh as much "
+                         "as colour or shape; needs standardize")
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability a sample trains unconditionally")
     image_condition: bool = Field(False, description="also condition on each item's condition image (a doodle), "
                                   "fed as extra UNet input channels; the dataset needs condition images "
@@ -128,6 +131,8 @@ class ContextConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.whiten and not self.standardize:
+            raise ValueError("context.whiten needs context.standardize: true (it whitens the standardized context)")
         if self.encoder == "clip" and self.clip_path is None:
             raise ValueError("encoder 'clip' needs context.clip_path: a local directory with a CLIP text model")
         return self

@@ -35,7 +35,7 @@ class ModelSpec(BaseModel):
     attach: Literal["cross_attention", "additive", "both"]
     context_dim: int
     prediction_type: str
-    context_stats: dict[str, list[float]] | None = None  # per-channel standardization of the context
+    context_stats: dict[str, list] | None = None  # standardization (and whitening) of the context
     condition_channels: int = 0  # channels of the condition image (a doodle: 3), fed beside the noisy image; 0: none
 
     @property

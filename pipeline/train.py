@@ -141,7 +141,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
         encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
     init = load_model(t.init_from) if t.init_from else None  # fine-tune (or extend) an existing model
-    stats = context_stats(table) if cfg.context.standardize and table.tokens is not None else None
+    stats = context_stats(table, cfg.context.whiten) if cfg.context.standardize and table.tokens is not None else None
     if init is not None:
         stats = init.spec.context_stats  # the context scaled as the weights learned it
     table = standardize(table, stats)

@@ -100,3 +100,39 @@ def test_standardized_context_has_unit_spread_and_is_saved_with_the_model(minilm
     ctx = encode_prompts(model.spec, ["a red circle"])
     raw = minilm.encode(["a red circle"])
     assert not torch.allclose(ctx.pooled, raw.pooled)
+
+
+def test_whitening_gives_every_direction_of_the_captions_the_same_spread(minilm):
+    from pipeline import shapes
+    from pipeline.encoders import context_stats, standardize
+
+    captions = [""] + sorted({shapes.caption(s, k) for s in shapes.all_specs()[::7] for k in range(2)})
+    table = minilm.encode(captions)
+    plain, whitened = context_stats(table), context_stats(table, whiten=True)
+    assert "pooled_basis" not in plain and 0 < len(whitened["pooled_basis"]) <= 64
+    z = standardize(table, whitened).pooled
+    coef = (z - z.mean(0)) @ torch.tensor(whitened["pooled_basis"]).T
+    spread = coef.std(0)
+    assert spread.max() / spread.min() < 1.05  # equal along every kept direction
+    # the total spread is kept: the context's magnitude does not change
+    assert abs(z.norm(dim=-1).mean() / standardize(table, plain).pooled.norm(dim=-1).mean() - 1) < 0.1
+    probe = minilm.encode(["a small red circle on the left on a white background",
+                           "a small red circle on the right on a white background",
+                           "a small blue circle on the left on a white background"])
+
+    def left_right_vs_colour(stats):
+        p = standardize(probe, stats).pooled
+        return ((p[0] - p[1]).norm() / (p[0] - p[2]).norm()).item()
+
+    # MiniLM barely tells left from right; whitened, the two differ almost as much as two colours
+    assert left_right_vs_colour(whitened) > 2 * left_right_vs_colour(plain)
+
+
+def test_whitening_without_standardizing_is_a_config_error(tmp_path):
+    from conftest import tiny_config
+    from pydantic import ValidationError
+
+    from pipeline.config import Config
+
+    with pytest.raises(ValidationError, match="context.whiten needs context.standardize"):
+        Config.model_validate(tiny_config(tmp_path, tmp_path, context={"whiten": True, "standardize": False}))
