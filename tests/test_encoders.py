@@ -136,3 +136,18 @@ def test_whitening_without_standardizing_is_a_config_error(tmp_path):
 
     with pytest.raises(ValidationError, match="context.whiten needs context.standardize"):
         Config.model_validate(tiny_config(tmp_path, tmp_path, context={"whiten": True, "standardize": False}))
+
+
+def test_a_whitened_model_keeps_its_whitening_for_sampling(tmp_path, shapes_data):
+    from conftest import tiny_config
+
+    from pipeline.config import Config
+    from pipeline.model_dir import load_model
+    from pipeline.sample import generate
+    from pipeline.train import train
+
+    raw = tiny_config(tmp_path, shapes_data, context={"whiten": True}, train={"max_steps": 2})
+    model = load_model(train(Config.model_validate(raw), progress=False))
+    stats = model.spec.context_stats
+    assert len(stats["token_basis"]) == len(stats["token_scale"]) > 0 and len(stats["pooled_basis"][0]) == 384
+    assert generate(model, ["a red circle on the left"], [0], steps=2).shape == (1, 3, 16, 16)
