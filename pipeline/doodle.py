@@ -138,15 +138,19 @@ def load_doodle(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(img.resize((resolution, resolution), Image.Resampling.BOX), dtype=np.uint8)
 
 
-def open_image(path: Path, what: str = "image") -> Image.Image:
-    """A local image file, decoded; a missing or unreadable file is a UserError naming it."""
+def open_image(source: Path | bytes, what: str = "image") -> Image.Image:
+    """A local image file, or image bytes (a stored doodle), decoded in full; a missing or unreadable one is a
+    UserError naming `what` (and the path)."""
+    import io
+
     from PIL import UnidentifiedImageError
 
+    where = f" {source}" if isinstance(source, Path | str) else ""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.load()
             return im.copy()  # closing the file frees a loaded image's pixels; the copy keeps them
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise UserError(f"{what} not found: {path}") from None
+        raise UserError(f"{what} not found:{where}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{what} {path} is not a readable image ({e})") from None
+        raise UserError(f"{what}{where} is not a readable image ({type(e).__name__}: {e})") from None

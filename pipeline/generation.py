@@ -197,11 +197,10 @@ def _group_key(p, resolution: int) -> tuple:
 def doodle_tensor(data: bytes, resolution: int):
     """A stored or uploaded doodle's image bytes -> the (3, R, R) condition tensor the model takes; UserError when
     the bytes are not an image."""
-    from pipeline.doodle import load_doodle
-    from pipeline.prompt_store import open_image_bytes
+    from pipeline.doodle import load_doodle, open_image
     from pipeline.sample import condition_tensor
 
-    return condition_tensor(load_doodle(open_image_bytes(data, "the doodle"), resolution))
+    return condition_tensor(load_doodle(open_image(data, "the doodle"), resolution))
 
 
 def _load_init(uri: str, resolution: int):

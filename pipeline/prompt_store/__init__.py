@@ -13,7 +13,6 @@ from pipeline.prompt_store.store import (
     PromptStore,
     import_file,
     migrate,
-    open_image_bytes,
     open_store,
     parse_prompt,
     problems,
@@ -21,5 +20,5 @@ from pipeline.prompt_store.store import (
     store_url,
 )
 
-__all__ = ["PromptStore", "import_file", "migrate", "open_image_bytes", "open_store", "parse_prompt", "problems",
+__all__ = ["PromptStore", "import_file", "migrate", "open_store", "parse_prompt", "problems",
            "read_doodle", "store_url"]

@@ -79,18 +79,6 @@ def parse_prompt(raw: dict, gc: GenerationConfig, base_dir: Path | None = None) 
             p.strength, "condition_image": doodle, "condition_sha256": doodle_sha, "priority": p.priority}
 
 
-def open_image_bytes(data: bytes, what: str):
-    """Image bytes -> a fully decoded PIL image, or a UserError saying `what` is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.copy()  # closing frees the decoded pixels; the copy keeps them
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
-
-
 def read_doodle(path: Path) -> tuple[bytes, str]:
     """A doodle file's bytes and their sha256, checked to be a readable image of a storable size."""
     try:
@@ -103,7 +91,9 @@ def read_doodle(path: Path) -> tuple[bytes, str]:
         raise UserError(f"doodle not found: {path}") from None
     except OSError as e:
         raise UserError(f"doodle {path} cannot be read: {e.strerror or e}") from None
-    open_image_bytes(data, f"doodle {path}")
+    from pipeline.doodle import open_image
+
+    open_image(data, f"doodle {path}")
     return data, hashlib.sha256(data).hexdigest()
 
 
