@@ -200,6 +200,17 @@ class TrainConfig(_Strict):
     init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
                                    "train` output); with context.image_condition a text-only model gets "
                                    "zero-initialised condition channels, so it starts out as it was")
+    restart_at: int | None = Field(None, ge=1, description="warm restart at this step: a second warmup + cosine "
+                                   "cycle to max_steps at lr * restart_lr_scale, with fresh optimizer moments "
+                                   "and a fresh EMA of the current weights (fine-tuning the finished first "
+                                   "cycle, in one run)")
+    restart_lr_scale: float = Field(0.5, gt=0, le=1, description="peak lr of the second cycle, as a fraction of lr")
+
+    @model_validator(mode="after")
+    def _restart_inside_run(self) -> TrainConfig:
+        if self.restart_at is not None and self.restart_at >= self.max_steps:
+            raise ValueError(f"restart_at ({self.restart_at}) must be below max_steps ({self.max_steps})")
+        return self
 
 
 class TrackingConfig(_Strict):

@@ -80,12 +80,19 @@ def unet_from_init(init, spec: ModelSpec, cfg: Config):
     return unet
 
 
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
+def warmup_cosine(warmup: int, total: int, restart_at: int | None = None, restart_scale: float = 1.0):
+    """LR factor per step: linear warmup, cosine to 0 at `total`; with `restart_at`, a second cycle from there
+    (half the warmup, peak `restart_scale`)."""
+    def cycle(step: int, warmup: int, total: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def factor(step: int) -> float:
+        if restart_at is None or step < restart_at:
+            return cycle(step, warmup, restart_at or total)
+        return restart_scale * cycle(step - restart_at, warmup // 2, total - restart_at)
 
     return factor
 
@@ -156,10 +163,14 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.restart_at, t.restart_lr_scale))
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4)
+    def new_ema() -> EMAModel:
+        return EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4)
+
+    ema = new_ema()
     generator = torch.Generator().manual_seed(cfg.seed)  # all training randomness: t, noise, CFG dropout
     step = 0
 
@@ -210,6 +221,9 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     bar = _progress(t.max_steps, step, progress and part.is_main)
     tick, tick_step = time.perf_counter(), step
     while step < t.max_steps:
+        if step == t.restart_at:  # warm restart: the second cycle starts like a fine-tune of the first
+            optimizer.state.clear()
+            ema = new_ema()
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)  # samples step * samples_per_step + micro * batch_size + ...
             position = step * samples_per_step + micro * t.batch_size

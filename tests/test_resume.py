@@ -25,7 +25,8 @@ def _final_weights(run: Path) -> dict:
 
 
 def test_resume_after_a_real_kill_is_bit_identical(tmp_path, shapes_data, embedding_cache):
-    train = {"max_steps": 24, "checkpoint_every": 4, "keep_last": 2, "log_every": 2}
+    # a warm restart at step 12: the resumed run crosses it or starts after it, bit-identical either way
+    train = {"max_steps": 24, "checkpoint_every": 4, "keep_last": 2, "log_every": 2, "restart_at": 12}
     ctx = {"cache_dir": str(embedding_cache)}
     full_cfg = write_config(tmp_path / "full.yaml", tiny_config(tmp_path / "full", shapes_data, train=train,
                                                                  context=ctx))
@@ -82,3 +83,43 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
         train(Config.model_validate(raw), resume=True, progress=False)
     assert (ckpt / "unet.safetensors").read_bytes() == before
     assert checkpoint_dirs(tmp_path / "run")[-1] == ckpt
+
+
+def test_warm_restart_starts_a_fresh_cycle_of_lr_optimizer_and_ema(tmp_path, shapes_data, embedding_cache):
+    """train.restart_at: at that step the lr warms up again to lr * restart_lr_scale, Adam's moments start
+    from zero and the EMA starts from the current weights, as when a finished run is fine-tuned."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import Config
+    from pipeline.train import train, warmup_cosine
+
+    factor = warmup_cosine(10, 100, restart_at=60, restart_scale=0.5)
+    assert factor(9) == 1.0 and factor(59) < 0.01  # first cycle: warmed up, then annealed to ~0 by step 60
+    assert factor(60) == 0.5 * 1 / 5 and factor(64) == 0.5  # second: 5 warmup steps (half) up to the scale
+    assert factor(99) < 0.01
+
+    train_cfg = {"max_steps": 6, "restart_at": 4, "restart_lr_scale": 0.5, "warmup_steps": 2,
+                 "checkpoint_every": 1, "keep_last": 10, "log_every": 1}
+    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train=train_cfg,
+                                            context={"cache_dir": str(embedding_cache)}))
+    train(cfg, progress=False)
+    ckpts = {int(d.name.split("-")[1]): d for d in checkpoint_dirs(tmp_path / "run")}
+    before_unet, before_ema, before = load_checkpoint(ckpts[4])
+    after_unet, after_ema, after = load_checkpoint(ckpts[5])
+    adam_steps = [float(s["step"]) for s in after["optimizer"]["state"].values()]
+    assert adam_steps and set(adam_steps) == {1.0}  # moments restarted at step 4: one update since
+    assert {float(s["step"]) for s in before["optimizer"]["state"].values()} == {4.0}
+    def max_gap(unet, ema):
+        return max((unet[k] - ema[k]).abs().max().item() for k in ema)
+
+    assert max_gap(before_unet, before_ema) > 1e-4  # an average over the first 4 steps
+    assert max_gap(after_unet, after_ema) < 1e-6  # a fresh EMA's first update copies the weights (to rounding)
+    lrs = {json.loads(x)["step"]: json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+           .splitlines() if '"loss"' in x}
+    assert lrs[5] == pytest.approx(cfg.train.lr * 0.5)  # restart warmup of 1 step: at the scaled peak at once
+
+
+def test_restart_must_fall_inside_the_run(tmp_path, shapes_data):
+    from pipeline.config import Config
+
+    with pytest.raises(ValueError, match="restart_at"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={"max_steps": 10, "restart_at": 10}))
