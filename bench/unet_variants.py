@@ -1,0 +1,70 @@
+"""Training-step speed of UNet variants of a config: forward + backward + AdamW step on one random batch,
+the variants measured in interleaved rounds so a machine whose speed drifts affects them alike.
+
+    .venv/bin/python bench/unet_variants.py [--config configs/shapes.yaml] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.encoders import ContextBatch, build_encoder
+from pipeline.objective import diffusion_loss
+from pipeline.train import make_train_scheduler, model_spec, unet_from_config
+
+VARIANTS = {  # overrides of the config's model section
+    "config as is": {},
+    "attention_head_dim 32": {"model.attention_head_dim": 32},
+    "attention at 4x4 only": {"model.attention_levels": [False, False, True]},
+    "no attention": {"model.attention_levels": [False, False, False]},
+    "channels (48, 96, 128)": {"model.block_out_channels": [48, 96, 128], "model.norm_num_groups": 16},
+    "channels (32, 64, 128)": {"model.block_out_channels": [32, 64, 128]},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/shapes.yaml")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4, help="training steps per variant per round")
+    args = ap.parse_args()
+    base = load_config(args.config)
+    encoder = build_encoder(base.context.encoder, base.context.max_length, base.context.clip_path)
+    bs, res, length = base.train.batch_size, base.data.resolution, base.context.max_length
+    x0 = torch.randn(bs, 3, res, res).contiguous(memory_format=torch.channels_last)
+    ctx = ContextBatch(tokens=torch.randn(bs, length, encoder.dim), mask=torch.ones(bs, length, dtype=torch.bool),
+                       pooled=torch.randn(bs, encoder.dim))
+    g = torch.Generator().manual_seed(0)
+    runs = {}
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(args.config, overrides)
+        spec = model_spec(cfg, encoder, encoder.dim)
+        unet = unet_from_config(spec, cfg).to(memory_format=torch.channels_last)
+        runs[name] = (cfg, spec, unet, make_train_scheduler(cfg), torch.optim.AdamW(unet.parameters(), lr=1e-3))
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for rnd in range(args.rounds + 1):  # round 0 warms up
+        for name, (cfg, spec, unet, scheduler, opt) in runs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                loss = diffusion_loss(unet, spec, scheduler, x0, ctx, g, cfg.diffusion.loss_weighting,
+                                      cfg.diffusion.snr_gamma)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if rnd:
+                rates[name].append(args.steps * bs / (time.perf_counter() - start))
+    ref = statistics.median(rates["config as is"])
+    print(f"batch {bs}, {res}x{res}, {torch.get_num_threads()} threads; median of {args.rounds} rounds")
+    print("| variant | parameters | img/s | vs config |\n| --- | ---: | ---: | ---: |")
+    for name, r in rates.items():
+        params = sum(p.numel() for p in runs[name][2].parameters())
+        print(f"| {name} | {params / 1e6:.2f} M | {statistics.median(r):.1f} | {statistics.median(r) / ref:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
