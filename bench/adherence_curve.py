@@ -1,4 +1,4 @@
-"""Adherence against training minutes: evaluate the EMA weights of every checkpoint a run kept.
+"""Adherence against training minutes: evaluate the EMA (or raw) weights of the checkpoints a run kept.
 
     .venv/bin/diffuse train --config configs/shapes.yaml --set train.keep_last=50
     .venv/bin/python bench/adherence_curve.py --run runs/shapes
@@ -22,6 +22,8 @@ def main() -> None:
     ap.add_argument("--run", default="runs/shapes")
     ap.add_argument("--per-pair", type=int, default=4)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", type=int, nargs="*", help="only the checkpoints of these steps (default: all kept)")
+    ap.add_argument("--weights", choices=("ema", "raw"), default="ema", help="the EMA or the trained weights")
     args = ap.parse_args()
     run = Path(args.run)
     model = load_model(run / "model")
@@ -31,9 +33,12 @@ def main() -> None:
     curve = []
     for ckpt in checkpoint_dirs(run):
         step = int(ckpt.name.split("-")[1])
-        model.unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        if args.steps and step not in args.steps:
+            continue
+        model.unet.load_state_dict(load_file(str(ckpt / ("ema.safetensors" if args.weights == "ema" else
+                                                         "unet.safetensors"))))
         s = evaluate(model, args.per_pair)["summary"]
-        row = {"step": step, "minutes": round(when.get(step, float("nan")), 2),
+        row = {"step": step, "weights": args.weights, "minutes": round(when.get(step, float("nan")), 2),
                "colour+shape seen": s["seen"]["colour+shape"], "colour+shape held-out": s["held_out"]["colour+shape"],
                "colour": s["all"]["colour"], "shape": s["all"]["shape"], "size": s["all"]["size"],
                "position": s["all"]["position"], "all": s["all"]["all"]}
