@@ -26,7 +26,7 @@ $(TOOLS)/.installed: infra/lint-tools.txt
 tools-venv: $(TOOLS)/.installed
 
 # The main job on the embedded default: the three Airflow DAGs in order on the shapes data (dataset_update ->
-# retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store (15-25 min on 2 cores).
+# retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store (15-30 min on 2 cores, as fast as the machine).
 demo: venv
 	$(PY) -m pipeline.demo
 
