@@ -200,10 +200,10 @@ class TrainConfig(_Strict):
     init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
                                    "train` output); with context.image_condition a text-only model gets "
                                    "zero-initialised condition channels, so it starts out as it was")
-    restart_at: int | None = Field(None, ge=1, description="warm restart at this step: a second warmup + cosine "
-                                   "cycle to max_steps at lr * restart_lr_scale, with fresh optimizer moments "
-                                   "and a fresh EMA of the current weights (fine-tuning the finished first "
-                                   "cycle, in one run)")
+    restart_at: int | None = Field(None, ge=1, description="warm restart at this step: a second warmup (half of "
+                                   "warmup_steps) + cosine cycle to max_steps at lr * restart_lr_scale, with "
+                                   "fresh optimizer moments and a fresh EMA of the current weights (fine-tuning "
+                                   "the finished first cycle, in one run)")
     restart_lr_scale: float = Field(0.5, gt=0, le=1, description="peak lr of the second cycle, as a fraction of lr")
 
     @model_validator(mode="after")
