@@ -19,11 +19,18 @@ from pipeline.train import make_train_scheduler, model_spec, unet_from_config
 
 VARIANTS = {  # overrides of the config's model section
     "config as is": {},
-    "attention_head_dim 32": {"model.attention_head_dim": 32},
-    "attention at 4x4 only": {"model.attention_levels": [False, False, True]},
-    "no attention": {"model.attention_levels": [False, False, False]},
-    "channels (48, 96, 128)": {"model.block_out_channels": [48, 96, 128], "model.norm_num_groups": 16},
-    "channels (32, 64, 128)": {"model.block_out_channels": [32, 64, 128]},
+    "session-4 demo UNet: (64, 96, 128), attention at 8x8 and 4x4": {
+        "model.block_out_channels": [64, 96, 128], "model.attention_levels": [False, True, True]},
+    "(96, 96, 128), attention at 8x8 and 4x4": {
+        "model.block_out_channels": [96, 96, 128], "model.attention_levels": [False, True, True]},
+    "(96, 96, 128), no attention": {
+        "model.block_out_channels": [96, 96, 128], "model.attention_levels": [False, False, False]},
+    "(128, 128, 128), attention at 4x4": {
+        "model.block_out_channels": [128, 128, 128], "model.attention_levels": [False, False, True]},
+    "(64, 96, 128), attention at 4x4": {
+        "model.block_out_channels": [64, 96, 128], "model.attention_levels": [False, False, True]},
+    "(32, 64, 128), attention at 4x4": {
+        "model.block_out_channels": [32, 64, 128], "model.attention_levels": [False, False, True]},
 }
 
 
