@@ -17,20 +17,19 @@ from pipeline.encoders import ContextBatch, build_encoder
 from pipeline.objective import diffusion_loss
 from pipeline.train import make_train_scheduler, model_spec, unet_from_config
 
+
+def unet(channels: tuple[int, ...], attention: tuple[bool, ...]) -> dict:
+    return {"model.block_out_channels": list(channels), "model.attention_levels": list(attention)}
+
+
 VARIANTS = {  # overrides of the config's model section
     "config as is": {},
-    "session-4 demo UNet: (64, 96, 128), attention at 8x8 and 4x4": {
-        "model.block_out_channels": [64, 96, 128], "model.attention_levels": [False, True, True]},
-    "(96, 96, 128), attention at 8x8 and 4x4": {
-        "model.block_out_channels": [96, 96, 128], "model.attention_levels": [False, True, True]},
-    "(96, 96, 128), no attention": {
-        "model.block_out_channels": [96, 96, 128], "model.attention_levels": [False, False, False]},
-    "(128, 128, 128), attention at 4x4": {
-        "model.block_out_channels": [128, 128, 128], "model.attention_levels": [False, False, True]},
-    "(64, 96, 128), attention at 4x4": {
-        "model.block_out_channels": [64, 96, 128], "model.attention_levels": [False, False, True]},
-    "(32, 64, 128), attention at 4x4": {
-        "model.block_out_channels": [32, 64, 128], "model.attention_levels": [False, False, True]},
+    "session-4 demo UNet: (64, 96, 128), attention at 8x8 and 4x4": unet((64, 96, 128), (False, True, True)),
+    "(96, 96, 128), attention at 8x8 and 4x4": unet((96, 96, 128), (False, True, True)),
+    "(96, 96, 128), no attention": unet((96, 96, 128), (False, False, False)),
+    "(128, 128, 128), attention at 4x4": unet((128, 128, 128), (False, False, True)),
+    "(64, 96, 128), attention at 4x4": unet((64, 96, 128), (False, False, True)),
+    "(32, 64, 128), attention at 4x4": unet((32, 64, 128), (False, False, True)),
 }
 
 
