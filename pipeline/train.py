@@ -168,7 +168,8 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     from diffusers.training_utils import EMAModel
 
     def new_ema() -> EMAModel:
-        return EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4)
+        # foreach: one fused update for all tensors (GPU: 10.5 -> 2.4 ms a step at batch 32, BENCHMARKS.md)
+        return EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
 
     ema = new_ema()
     generator = torch.Generator().manual_seed(cfg.seed)  # all training randomness: t, noise, CFG dropout
