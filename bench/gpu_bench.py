@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script's code paths (--smoke)
+# a 64 px UNet where the GPU has more work to do than with the demo's
+BIG_UNET = {"train.batch_size": 128, "data.resolution": 64, "model.block_out_channels": [128, 256, 256, 512],
+            "model.attention_levels": [False, True, True, True], "model.layers_per_block": 2}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -23,21 +26,34 @@ def peak_flops() -> float:
     return next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
 
 
+def spec_and_context(cfg):
+    """The trainer's ModelSpec for `cfg` with MiniLM context, and a random context batch of its shape (the text
+    encoder's weights are not needed to time or count the UNet)."""
+    from pipeline.encoders import ContextBatch, MiniLMEncoder
+    from pipeline.train import model_spec
+
+    class _Stub(MiniLMEncoder):  # model_spec reads the encoder's id and length only
+        def __init__(self, n):
+            self.id, self.max_length = f"minilm-l6-v2-len{n}", n
+
+    b, L = cfg.train.batch_size, cfg.context.max_length
+    ctx = ContextBatch(torch.randn(b, L, 384, device=DEVICE), torch.ones(b, L, device=DEVICE, dtype=torch.long),
+                       torch.randn(b, 384, device=DEVICE))
+    return model_spec(cfg, _Stub(L), 384), ctx
+
+
 def step_flops(cfg) -> float:
     """FLOPs of one training step's forward+backward, counted on a real batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.encoders import ContextBatch, MiniLMEncoder
     from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler, model_spec, unet_from_config
+    from pipeline.train import make_train_scheduler, unet_from_config
 
-    spec = model_spec(cfg, MiniLMEncoder(cfg.context.max_length), 384)
+    spec, ctx = spec_and_context(cfg)
     unet = unet_from_config(spec, cfg).to(DEVICE)
     sched = make_train_scheduler(cfg)
     sched.alphas_cumprod = sched.alphas_cumprod.to(DEVICE)
-    b, L = cfg.train.batch_size, cfg.context.max_length
-    ctx = ContextBatch(torch.randn(b, L, 384, device=DEVICE), torch.ones(b, L, device=DEVICE, dtype=torch.long),
-                       torch.randn(b, 384, device=DEVICE))
+    b = cfg.train.batch_size
     x0 = torch.randn(b, 3, cfg.data.resolution, cfg.data.resolution, device=DEVICE)
     with FlopCounterMode(display=False) as fc, torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
         diffusion_loss(unet, spec, sched, x0, ctx, torch.Generator().manual_seed(0)).backward()
@@ -57,18 +73,11 @@ def step_breakdown(cfg, steps: int, variants: dict) -> dict:
     EMA. Variants: channels_last, cudnn.benchmark and diffusers' EMA foreach; ms per step, mean of `steps`."""
     from diffusers.training_utils import EMAModel
 
-    from pipeline.encoders import ContextBatch, MiniLMEncoder
     from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler, model_spec, unet_from_config
+    from pipeline.train import make_train_scheduler, unet_from_config
 
-    class _Stub(MiniLMEncoder):  # model_spec reads the encoder's id and length only: no weights needed here
-        def __init__(self, n):
-            self.id, self.max_length = f"minilm-l6-v2-len{n}", n
-
-    spec = model_spec(cfg, _Stub(cfg.context.max_length), 384)
-    b, L, r = cfg.train.batch_size, cfg.context.max_length, cfg.data.resolution
-    ctx = ContextBatch(torch.randn(b, L, 384, device=DEVICE), torch.ones(b, L, device=DEVICE, dtype=torch.long),
-                       torch.randn(b, 384, device=DEVICE))
+    spec, ctx = spec_and_context(cfg)
+    b, r = cfg.train.batch_size, cfg.data.resolution
     out = {}
     for name, (channels_last, bench, foreach, compiled) in variants.items():
         torch.backends.cudnn.benchmark = bench
@@ -99,7 +108,7 @@ def step_breakdown(cfg, steps: int, variants: dict) -> dict:
             ema.step(unet.parameters())
             marks.append(synced())
             if i >= 5:  # warm-up steps (cudnn.benchmark's search, compilation) not counted
-                for k, a, z in zip(times, marks, marks[1:], strict=True):
+                for k, a, z in zip(times, marks[:-1], marks[1:], strict=True):
                     times[k] += (z - a) * 1000 / steps
         if name == "as_trained":  # which kernels, and how much CPU time launching them, in 3 more steps
             acts = [torch.profiler.ProfilerActivity.CPU]
@@ -184,9 +193,7 @@ def main() -> None:
         for batch in (32, 256) if args.only == "breakdown" else (256,):
             cfg = load_config(Path("configs/shapes.yaml"), {"train.batch_size": batch, **off, **small})
             result[f"breakdown_shapes32_b{batch}"] = step_breakdown(cfg, n, variants)
-        big = load_config(Path("configs/shapes.yaml"), {
-            "train.batch_size": 128, "data.resolution": 64, "model.block_out_channels": [128, 256, 256, 512],
-            "model.attention_levels": [False, True, True, True], "model.layers_per_block": 2, **off, **small})
+        big = load_config(Path("configs/shapes.yaml"), {**BIG_UNET, **off, **small})
         result["breakdown_unet64_b128"] = step_breakdown(big, n, variants)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -194,9 +201,7 @@ def main() -> None:
     shapes = load_config(Path("configs/shapes.yaml"), {"train.batch_size": 256, **off, **small})
     result["train_shapes32_b256"] = train_bench(shapes, 4 if args.smoke else 200, Path("runs/gpu_check/shapes"))
     print(json.dumps(result, indent=2), flush=True)
-    big = load_config(Path("configs/shapes.yaml"), {
-        "train.batch_size": 128, "data.resolution": 64, "model.block_out_channels": [128, 256, 256, 512],
-        "model.attention_levels": [False, True, True, True], "model.layers_per_block": 2, **off, **small})
+    big = load_config(Path("configs/shapes.yaml"), {**BIG_UNET, **off, **small})
     result["train_unet64_b128"] = train_bench(big, 4 if args.smoke else 100, Path("runs/gpu_check/big"))
     print(json.dumps(result, indent=2), flush=True)
     result["sample_shapes32_dpmpp20"] = sample_bench(Path("runs/gpu_check/shapes/model"), 16 if args.smoke else 1024)
