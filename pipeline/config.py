@@ -205,12 +205,26 @@ class TrainConfig(_Strict):
                                    "fresh optimizer moments and a fresh EMA of the current weights (fine-tuning "
                                    "the finished first cycle, in one run)")
     restart_lr_scale: float = Field(0.5, gt=0, le=1, description="peak lr of the second cycle, as a fraction of lr")
+    restart_batch_size: int | None = Field(None, ge=1, description="batch size of the second cycle (default: "
+                                           "batch_size); smaller: more, noisier updates for the same images")
 
     @model_validator(mode="after")
     def _restart_inside_run(self) -> TrainConfig:
         if self.restart_at is not None and self.restart_at >= self.max_steps:
             raise ValueError(f"restart_at ({self.restart_at}) must be below max_steps ({self.max_steps})")
+        if self.restart_batch_size is not None and self.restart_at is None:
+            raise ValueError("restart_batch_size applies to the second cycle: set restart_at too")
         return self
+
+    def batch_size_at(self, step: int) -> int:
+        """The (global, per micro-batch) batch size of step `step` (0-based)."""
+        second = self.restart_at is not None and step >= self.restart_at and self.restart_batch_size
+        return self.restart_batch_size if second else self.batch_size
+
+    def samples_before(self, step: int) -> int:
+        """Position in the training stream where step `step` starts: the samples of all steps before it."""
+        first = min(step, self.restart_at or step)
+        return (first * self.batch_size + (step - first) * self.batch_size_at(step)) * self.grad_accum
 
 
 class TrackingConfig(_Strict):

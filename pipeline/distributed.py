@@ -95,16 +95,18 @@ class Part:
 WHOLE = Part()
 
 
-def setup(batch_size: int) -> Part:
+def setup(batch_sizes: dict[str, int]) -> Part:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT): NCCL on GPUs, gloo on CPU. Without torchrun: the single-process Part."""
+    MASTER_ADDR/PORT): NCCL on GPUs, gloo on CPU. Without torchrun: the single-process Part.
+    `batch_sizes` (config key -> global batch size) must each split evenly over the processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return WHOLE
     part = Part(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if batch_size % world:
-        raise UserError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world}): "
-                        f"each takes batch_size / {world} samples of every global batch. Change one of them.")
+    for name, batch_size in batch_sizes.items():
+        if batch_size % world:
+            raise UserError(f"{name} ({batch_size}) must be divisible by the number of processes ({world}): "
+                            f"each takes {batch_size} / {world} samples of every global batch. Change one of them.")
     import torch.distributed as dist
 
     if not dist.is_initialized():

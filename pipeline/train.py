@@ -122,7 +122,9 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     """Train per `cfg`; returns the final model directory (run_dir/model)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
-    part = distributed.setup(t.batch_size)  # under torchrun: this rank's share; else the whole batch
+    # under torchrun: this rank's share of every global batch; else the whole batch
+    part = distributed.setup({"train.batch_size": t.batch_size,
+                              "train.restart_batch_size": t.batch_size_at(t.max_steps)})
     if not resume and checkpoint_dirs(run_dir):
         if not overwrite:
             raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
@@ -200,7 +202,6 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     ddp = distributed.wrap(unet, part)  # the unet itself in a single process
     model = torch.compile(ddp) if t.compile else ddp
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    samples_per_step = t.batch_size * t.grad_accum
     last_good = ckpt
 
     def checkpoint() -> Path:
@@ -210,24 +211,30 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
             "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-            "samples_seen": step * samples_per_step,
+            "samples_seen": t.samples_before(step),
         }
         names = [k for k, _ in unet.named_parameters()]
         ema_sd = {k: p.detach().cpu() for k, p in zip(names, ema.shadow_params, strict=True)}
         unet_sd = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
         return part.from_main(save_checkpoint(run_dir, step, unet_sd, ema_sd, state, t.keep_last))
 
-    batches = batch_loader(data.images, cfg.seed, step * samples_per_step, t.batch_size, cfg.data.loader_workers,
-                           pin_memory=device.type == "cuda", part=part)
+    def loader_from(step: int):  # the training stream from this step's position, in this step's batch size
+        return batch_loader(data.images, cfg.seed, t.samples_before(step), t.batch_size_at(step),
+                            cfg.data.loader_workers, pin_memory=device.type == "cuda", part=part)
+
+    batches = loader_from(step)
     bar = _progress(t.max_steps, step, progress and part.is_main)
     tick, tick_step = time.perf_counter(), step
     while step < t.max_steps:
         if step == t.restart_at:  # warm restart: the second cycle starts like a fine-tune of the first
             optimizer.state.clear()
             ema = new_ema()
+            if t.batch_size_at(step) != t.batch_size:  # train.restart_batch_size
+                del batches  # stops its worker processes
+                batches = loader_from(step)
         for micro in range(t.grad_accum):
-            idx, pixels, cond_pixels = next(batches)  # samples step * samples_per_step + micro * batch_size + ...
-            position = step * samples_per_step + micro * t.batch_size
+            idx, pixels, cond_pixels = next(batches)
+            position = t.samples_before(step) + micro * t.batch_size_at(step)
             x0 = _to_model_input(pixels, cfg, position, device, part)
             cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part)
             rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator, part)
@@ -252,7 +259,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
             now = time.perf_counter()
-            img_s = (step - tick_step) * samples_per_step / max(now - tick, 1e-9)
+            img_s = (t.samples_before(step) - t.samples_before(tick_step)) / max(now - tick, 1e-9)
             tick, tick_step = now, step
             metrics = {"loss": loss_value, "lr": lr_schedule.get_last_lr()[0], "grad_norm": grad_norm,
                        "img_per_s": img_s}

@@ -129,5 +129,7 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(UserError, match=r"batch_size \(8\) must be divisible by the number of processes \(3\)"):
-        setup(8)
+    with pytest.raises(UserError, match=r"train.batch_size \(8\) must be divisible by the number of processes \(3\)"):
+        setup({"train.batch_size": 8})
+    with pytest.raises(UserError, match=r"train.restart_batch_size \(4\) must be divisible"):
+        setup({"train.batch_size": 6, "train.restart_batch_size": 4})

@@ -25,8 +25,10 @@ def _final_weights(run: Path) -> dict:
 
 
 def test_resume_after_a_real_kill_is_bit_identical(tmp_path, shapes_data, embedding_cache):
-    # a warm restart at step 12: the resumed run crosses it or starts after it, bit-identical either way
-    train = {"max_steps": 24, "checkpoint_every": 4, "keep_last": 2, "log_every": 2, "restart_at": 12}
+    # a warm restart at step 12, from batch 8 to batch 4: the resumed run crosses it or starts after it,
+    # bit-identical either way
+    train = {"max_steps": 24, "checkpoint_every": 4, "keep_last": 2, "log_every": 2, "restart_at": 12,
+             "restart_batch_size": 4}
     ctx = {"cache_dir": str(embedding_cache)}
     full_cfg = write_config(tmp_path / "full.yaml", tiny_config(tmp_path / "full", shapes_data, train=train,
                                                                  context=ctx))
@@ -123,3 +125,40 @@ def test_restart_must_fall_inside_the_run(tmp_path, shapes_data):
 
     with pytest.raises(ValueError, match="restart_at"):
         Config.model_validate(tiny_config(tmp_path, shapes_data, train={"max_steps": 10, "restart_at": 10}))
+    with pytest.raises(ValueError, match="restart_batch_size applies to the second cycle: set restart_at"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={"restart_batch_size": 4}))
+
+
+def test_second_cycle_batch_size_continues_the_sample_stream(tmp_path, shapes_data, embedding_cache, monkeypatch):
+    """train.restart_batch_size: the second cycle reads the stream on from where the first stopped, in the new
+    batch size; the checkpoint counts the samples seen."""
+    import pipeline.train
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import Config, TrainConfig
+    from pipeline.dataset import batch_indices, batch_loader
+
+    t = TrainConfig(batch_size=8, max_steps=10, restart_at=4, restart_batch_size=2, grad_accum=3)
+    assert [t.batch_size_at(s) for s in (0, 3, 4, 9)] == [8, 8, 2, 2]
+    assert [t.samples_before(s) for s in (0, 4, 5, 10)] == [0, 96, 102, 132]
+    assert TrainConfig(batch_size=8, max_steps=10).samples_before(7) == 56
+
+    drawn = []  # the item indices of every batch the loop took, in order
+
+    def recording_loader(*args, **kwargs):
+        for batch in batch_loader(*args, **kwargs):
+            drawn.append(batch[0])
+            yield batch
+
+    monkeypatch.setattr(pipeline.train, "batch_loader", recording_loader)
+    train_cfg = {"max_steps": 6, "restart_at": 3, "restart_batch_size": 2, "checkpoint_every": 3, "log_every": 1}
+    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train=train_cfg,
+                                            context={"cache_dir": str(embedding_cache)}))
+    pipeline.train.train(cfg, progress=False)
+    n = len(pipeline.train.open_training_data(cfg.data, cfg.ingest).captions)
+    starts_and_sizes = [(0, 8), (8, 8), (16, 8), (24, 2), (26, 2), (28, 2)]
+    assert len(drawn) == 6
+    for batch, (start, size) in zip(drawn, starts_and_sizes, strict=True):
+        assert torch.equal(batch, batch_indices(n, cfg.seed, start, size))
+    ckpts = {int(d.name.split("-")[1]): d for d in checkpoint_dirs(tmp_path / "run")}
+    assert load_checkpoint(ckpts[3])[2]["samples_seen"] == 24
+    assert load_checkpoint(ckpts[6])[2]["samples_seen"] == 30
