@@ -207,6 +207,8 @@ class TrainConfig(_Strict):
     restart_lr_scale: float = Field(0.5, gt=0, le=1, description="peak lr of the second cycle, as a fraction of lr")
     restart_batch_size: int | None = Field(None, ge=1, description="batch size of the second cycle (default: "
                                            "batch_size); smaller: more, noisier updates for the same images")
+    restart_loss_weighting: Literal["none", "min_snr", "clamped_snr"] | None = Field(
+        None, description="diffusion.loss_weighting of the second cycle (default: the same)")
 
     @model_validator(mode="after")
     def _restart_inside_run(self) -> TrainConfig:

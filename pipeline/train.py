@@ -232,6 +232,9 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             if t.batch_size_at(step) != t.batch_size:  # train.restart_batch_size
                 del batches  # stops its worker processes
                 batches = loader_from(step)
+        weighting = cfg.diffusion.loss_weighting
+        if t.restart_at is not None and step >= t.restart_at and t.restart_loss_weighting:
+            weighting = t.restart_loss_weighting
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)
             position = t.samples_before(step) + micro * t.batch_size_at(step)
@@ -243,7 +246,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             with distributed.accumulating(ddp, last_micro_batch=micro == t.grad_accum - 1):
                 with torch.autocast(**autocast):
                     loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
-                                          cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma, part, cond)
+                                          weighting, cfg.diffusion.snr_gamma, part, cond)
                 (loss / t.grad_accum).backward()
         loss_value = part.mean(loss)  # the global batch's loss: every rank takes the same decisions below
         if not math.isfinite(loss_value):

@@ -162,3 +162,23 @@ def test_second_cycle_batch_size_continues_the_sample_stream(tmp_path, shapes_da
     ckpts = {int(d.name.split("-")[1]): d for d in checkpoint_dirs(tmp_path / "run")}
     assert load_checkpoint(ckpts[3])[2]["samples_seen"] == 24
     assert load_checkpoint(ckpts[6])[2]["samples_seen"] == 30
+
+
+def test_second_cycle_loss_weighting(tmp_path, shapes_data, embedding_cache, monkeypatch):
+    """train.restart_loss_weighting: the first cycle trains with diffusion.loss_weighting, the second with this."""
+    import pipeline.train
+    from pipeline.config import Config
+    from pipeline.objective import diffusion_loss
+
+    used = []
+
+    def recording_loss(*args, **kwargs):
+        used.append(args[6])  # diffusion_loss(model, spec, scheduler, x0, ctx, generator, weighting, ...)
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.train, "diffusion_loss", recording_loss)
+    train_cfg = {"max_steps": 5, "restart_at": 2, "restart_loss_weighting": "clamped_snr", "grad_accum": 2}
+    raw = tiny_config(tmp_path, shapes_data, train=train_cfg, context={"cache_dir": str(embedding_cache)})
+    raw["diffusion"] = {**raw.get("diffusion", {}), "loss_weighting": "none", "prediction_type": "v_prediction"}
+    pipeline.train.train(Config.model_validate(raw), progress=False)
+    assert used == ["none"] * 4 + ["clamped_snr"] * 6
