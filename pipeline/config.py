@@ -214,13 +214,17 @@ class TrainConfig(_Strict):
     def _restart_inside_run(self) -> TrainConfig:
         if self.restart_at is not None and self.restart_at >= self.max_steps:
             raise ValueError(f"restart_at ({self.restart_at}) must be below max_steps ({self.max_steps})")
-        if self.restart_batch_size is not None and self.restart_at is None:
-            raise ValueError("restart_batch_size applies to the second cycle: set restart_at too")
+        for key in ("restart_batch_size", "restart_loss_weighting"):
+            if getattr(self, key) is not None and self.restart_at is None:
+                raise ValueError(f"{key} applies to the second cycle: set restart_at too")
         return self
+
+    def in_second_cycle(self, step: int) -> bool:
+        return self.restart_at is not None and step >= self.restart_at
 
     def batch_size_at(self, step: int) -> int:
         """The (global, per micro-batch) batch size of step `step` (0-based)."""
-        second = self.restart_at is not None and step >= self.restart_at and self.restart_batch_size
+        second = self.in_second_cycle(step) and self.restart_batch_size
         return self.restart_batch_size if second else self.batch_size
 
     def samples_before(self, step: int) -> int:
@@ -363,6 +367,9 @@ class Config(_Strict):
             )
         if self.context.encoder == "category" and self.data.label_column is None:
             raise ValueError("encoder 'category' needs data.label_column (the class label column)")
+        if self.train.restart_loss_weighting == "clamped_snr" and self.diffusion.prediction_type != "v_prediction":
+            raise ValueError("train.restart_loss_weighting 'clamped_snr' needs diffusion.prediction_type "
+                             "'v_prediction'; use 'min_snr' or 'none'")
         return self
 
 

@@ -232,9 +232,8 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             if t.batch_size_at(step) != t.batch_size:  # train.restart_batch_size
                 del batches  # stops its worker processes
                 batches = loader_from(step)
-        weighting = cfg.diffusion.loss_weighting
-        if t.restart_at is not None and step >= t.restart_at and t.restart_loss_weighting:
-            weighting = t.restart_loss_weighting
+        second = t.in_second_cycle(step) and t.restart_loss_weighting
+        weighting = t.restart_loss_weighting if second else cfg.diffusion.loss_weighting
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)
             position = t.samples_before(step) + micro * t.batch_size_at(step)

@@ -127,6 +127,13 @@ def test_restart_must_fall_inside_the_run(tmp_path, shapes_data):
         Config.model_validate(tiny_config(tmp_path, shapes_data, train={"max_steps": 10, "restart_at": 10}))
     with pytest.raises(ValueError, match="restart_batch_size applies to the second cycle: set restart_at"):
         Config.model_validate(tiny_config(tmp_path, shapes_data, train={"restart_batch_size": 4}))
+    with pytest.raises(ValueError, match="restart_loss_weighting applies to the second cycle: set restart_at"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={"restart_loss_weighting": "none"}))
+    raw = tiny_config(tmp_path, shapes_data, train={"max_steps": 10, "restart_at": 5,
+                                                    "restart_loss_weighting": "clamped_snr"})
+    raw["diffusion"] = {"prediction_type": "epsilon", "loss_weighting": "min_snr"}
+    with pytest.raises(ValueError, match="restart_loss_weighting 'clamped_snr' needs diffusion.prediction_type"):
+        Config.model_validate(raw)
 
 
 def test_second_cycle_batch_size_continues_the_sample_stream(tmp_path, shapes_data, embedding_cache, monkeypatch):
