@@ -176,10 +176,15 @@ class DiffusionConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.loss_weighting == "clamped_snr" and self.prediction_type != "v_prediction":
-            raise ValueError("loss_weighting 'clamped_snr' needs prediction_type 'v_prediction' (with epsilon "
-                             "its weight grows without bound at high noise); use 'min_snr' or 'none'")
+        check_loss_weighting("loss_weighting", self.loss_weighting, self.prediction_type)
         return self
+
+
+def check_loss_weighting(key: str, weighting: str | None, prediction_type: str) -> None:
+    """clamped_snr is defined for v-prediction only (the config key `key` names the offending setting)."""
+    if weighting == "clamped_snr" and prediction_type != "v_prediction":
+        raise ValueError(f"{key} 'clamped_snr' needs prediction_type 'v_prediction' (with epsilon its weight grows "
+                         "without bound at high noise); use 'min_snr' or 'none'")
 
 
 class TrainConfig(_Strict):
@@ -367,9 +372,8 @@ class Config(_Strict):
             )
         if self.context.encoder == "category" and self.data.label_column is None:
             raise ValueError("encoder 'category' needs data.label_column (the class label column)")
-        if self.train.restart_loss_weighting == "clamped_snr" and self.diffusion.prediction_type != "v_prediction":
-            raise ValueError("train.restart_loss_weighting 'clamped_snr' needs diffusion.prediction_type "
-                             "'v_prediction'; use 'min_snr' or 'none'")
+        check_loss_weighting("train.restart_loss_weighting", self.train.restart_loss_weighting,
+                             self.diffusion.prediction_type)
         return self
 
 

@@ -124,7 +124,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     run_dir = Path(cfg.run_dir)
     # under torchrun: this rank's share of every global batch; else the whole batch
     part = distributed.setup({"train.batch_size": t.batch_size,
-                              "train.restart_batch_size": t.batch_size_at(t.max_steps)})
+                              "train.restart_batch_size": t.restart_batch_size or t.batch_size})
     if not resume and checkpoint_dirs(run_dir):
         if not overwrite:
             raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "

@@ -132,7 +132,8 @@ def test_restart_must_fall_inside_the_run(tmp_path, shapes_data):
     raw = tiny_config(tmp_path, shapes_data, train={"max_steps": 10, "restart_at": 5,
                                                     "restart_loss_weighting": "clamped_snr"})
     raw["diffusion"] = {"prediction_type": "epsilon", "loss_weighting": "min_snr"}
-    with pytest.raises(ValueError, match="restart_loss_weighting 'clamped_snr' needs diffusion.prediction_type"):
+    needs_v = "train.restart_loss_weighting 'clamped_snr' needs prediction_type 'v_prediction'"
+    with pytest.raises(ValueError, match=needs_v):
         Config.model_validate(raw)
 
 
