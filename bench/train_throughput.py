@@ -1,6 +1,8 @@
 """Training throughput: our trainer against a reference loop written the way diffusers'
 train_text_to_image.py does it (images decoded from PNG files every step, the text encoder run every
-step), same UNet config, same data, same objective, in one run.
+step), same UNet config, same data, same objective, in one run. The reference runs twice: in fp32 (the script's
+default, `--mixed_precision no`) and under bf16 autocast (`--mixed_precision bf16`); ours runs in the config's
+`train.precision`.
 
     .venv/bin/python bench/train_throughput.py [--config configs/shapes.yaml] [--steps 60]
 """
@@ -18,8 +20,9 @@ import numpy as np
 import torch
 
 
-def reference_loop(cfg, steps: int, warmup: int) -> float:
-    """img/s of the reference: per step, open+decode PNGs and run the text encoder."""
+def reference_loop(cfg, steps: int, warmup: int, bf16: bool) -> float:
+    """img/s of the reference: per step, open+decode PNGs and run the text encoder (bf16: both under bf16
+    autocast, as the script's `--mixed_precision bf16` runs them)."""
     from PIL import Image
 
     from pipeline.dataset import to_square
@@ -49,10 +52,11 @@ def reference_loop(cfg, steps: int, warmup: int) -> float:
         x0 = torch.stack(pixels)
         captions = [records[i][cfg.data.caption_column] for i in idx]
         captions = ["" if torch.rand(1, generator=g).item() < cfg.context.cfg_dropout else c for c in captions]
-        with torch.no_grad():
-            ctx = encoder.encode(captions)
-        loss = diffusion_loss(unet, spec, scheduler, x0, ctx, g, cfg.diffusion.loss_weighting,
-                              cfg.diffusion.snr_gamma)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the text encoder too: the script casts
+            with torch.no_grad():                                          # its frozen weights to bf16
+                ctx = encoder.encode(captions)
+            loss = diffusion_loss(unet, spec, scheduler, x0, ctx, g, cfg.diffusion.loss_weighting,
+                                  cfg.diffusion.snr_gamma)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)
         opt.step()
@@ -86,13 +90,16 @@ def main() -> None:
     cfg = load_config(Path(args.config))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ref = reference_loop(cfg, args.steps, args.warmup)
+    ref = reference_loop(cfg, args.steps, args.warmup, bf16=False)
+    ref_bf16 = reference_loop(cfg, args.steps, args.warmup, bf16=True)
     our, wall = ours(cfg, args.steps, args.warmup, out.parent / "train_throughput_run")
     result = {
         "date": str(date.today()), "machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}", "config": args.config, "batch": cfg.train.batch_size,
-        "steps": args.steps, "reference_img_s": round(ref, 1), "ours_img_s": round(our, 1),
+        "steps": args.steps, "ours_precision": cfg.train.precision, "reference_img_s": round(ref, 1),
+        "reference_bf16_img_s": round(ref_bf16, 1), "ours_img_s": round(our, 1),
         "ours_wall_s_incl_setup": round(wall, 1), "speedup": round(our / ref, 2),
+        "speedup_vs_reference_bf16": round(our / ref_bf16, 2),
     }
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -1,7 +1,8 @@
 """Training-step speed of UNet variants of a config: forward + backward + AdamW step on one random batch,
-the variants measured in interleaved rounds so a machine whose speed drifts affects them alike.
+the variants measured in interleaved rounds so a machine whose speed drifts affects them alike. Besides model
+sizes, the variants cover the precision (fp32 / bf16 autocast) and memory format (channels_last) of the step.
 
-    .venv/bin/python bench/unet_variants.py [--config configs/shapes.yaml] [--rounds 6]
+    .venv/bin/python bench/unet_variants.py [--config configs/shapes.yaml] [--rounds 6] [--only bf16 fp32]
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ VARIANTS = {  # overrides of the config's model section
     "(128, 128, 128), attention at 4x4": unet((128, 128, 128), (False, False, True)),
     "(64, 96, 128), attention at 4x4": unet((64, 96, 128), (False, False, True)),
     "(32, 64, 128), attention at 4x4": unet((32, 64, 128), (False, False, True)),
+    "config, fp32": {"train.precision": "fp32", "train.channels_last": False},
+    "config, fp32, channels_last": {"train.precision": "fp32", "train.channels_last": True},
+    "config, bf16 autocast": {"train.precision": "bf16", "train.channels_last": False},
+    "config, bf16 autocast, channels_last": {"train.precision": "bf16", "train.channels_last": True},
 }
 
 
@@ -38,27 +43,35 @@ def main() -> None:
     ap.add_argument("--config", default="configs/shapes.yaml")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=4, help="training steps per variant per round")
+    ap.add_argument("--only", nargs="*", help="only the variants whose names contain one of these words "
+                    "(\"config as is\" always runs: the ratios are against it)")
     args = ap.parse_args()
     base = load_config(args.config)
     encoder = build_encoder(base.context.encoder, base.context.max_length, base.context.clip_path)
     bs, res, length = base.train.batch_size, base.data.resolution, base.context.max_length
-    x0 = torch.randn(bs, 3, res, res).contiguous(memory_format=torch.channels_last)
+    x0 = torch.randn(bs, 3, res, res)
     ctx = ContextBatch(tokens=torch.randn(bs, length, encoder.dim), mask=torch.ones(bs, length, dtype=torch.bool),
                        pooled=torch.randn(bs, encoder.dim))
     g = torch.Generator().manual_seed(0)
     runs = {}
     for name, overrides in VARIANTS.items():
+        if args.only and name != "config as is" and not any(word in name for word in args.only):
+            continue
         cfg = load_config(args.config, overrides)
         spec = model_spec(cfg, encoder, encoder.dim)
-        unet = unet_from_config(spec, cfg).to(memory_format=torch.channels_last)
+        unet = unet_from_config(spec, cfg)
+        if cfg.train.channels_last:  # as the trainer does on the CPU: None (the default) is off there
+            unet = unet.to(memory_format=torch.channels_last)
         runs[name] = (cfg, spec, unet, make_train_scheduler(cfg), torch.optim.AdamW(unet.parameters(), lr=1e-3))
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(args.rounds + 1):  # round 0 warms up
         for name, (cfg, spec, unet, scheduler, opt) in runs.items():
             start = time.perf_counter()
+            x = x0.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x0
             for _ in range(args.steps):
-                loss = diffusion_loss(unet, spec, scheduler, x0, ctx, g, cfg.diffusion.loss_weighting,
-                                      cfg.diffusion.snr_gamma)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+                    loss = diffusion_loss(unet, spec, scheduler, x, ctx, g, cfg.diffusion.loss_weighting,
+                                          cfg.diffusion.snr_gamma)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

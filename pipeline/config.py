@@ -200,7 +200,12 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     compile: bool = False
-    channels_last: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on the CPU too "
+        "(weights, optimizer and loss stay fp32; 1.3-1.4x the img/s on an AVX-512-BF16 CPU, BENCHMARKS.md); fp32: "
+        "no autocast")
+    channels_last: bool | None = Field(None, description="channels_last memory format; default: on CUDA only (on "
+                                       "the CPU it made bf16 convolutions slower and fp32 ones no faster)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
                                    "train` output); with context.image_condition a text-only model gets "

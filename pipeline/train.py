@@ -159,7 +159,8 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
     spec = model_spec(cfg, encoder, 0 if table.tokens is None else table.tokens.shape[-1], stats)
     unet = (unet_from_init(init, spec, cfg) if init else unet_from_config(spec, cfg)).to(device)
-    if t.channels_last:
+    channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
+    if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     scheduler = make_train_scheduler(cfg)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -201,7 +202,12 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
     ddp = distributed.wrap(unet, part)  # the unet itself in a single process
     model = torch.compile(ddp) if t.compile else ddp
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    if bf16 and device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or
+                                              torch.cpu._is_amx_tile_supported()):
+        log.warning("train.precision is bf16 but this CPU has no native bf16 (AVX512-BF16 or AMX): autocast will "
+                    "emulate it, likely slower than fp32; set train.precision: fp32 (or auto) here")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     last_good = ckpt
 
     def checkpoint() -> Path:
@@ -237,8 +243,9 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)
             position = t.samples_before(step) + micro * t.batch_size_at(step)
-            x0 = _to_model_input(pixels, cfg, position, device, part)
-            cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part)
+            x0 = _to_model_input(pixels, cfg, position, device, part, channels_last)
+            cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part,
+                                                                     channels_last)
             rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator, part)
             if cond is not None:  # the condition image has its own dropout, for image guidance
                 cond = image_dropout(cond, data.has_condition[idx], cfg.context.image_dropout, generator, part)
@@ -282,12 +289,13 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     return part.from_main(save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json")))
 
 
-def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part) -> torch.Tensor:
+def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part,
+                    channels_last: bool) -> torch.Tensor:
     """uint8 images to [-1, 1] on the device; an image and its condition image get the same random flip."""
     x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
     if cfg.data.random_flip:
         x = random_flip(x, cfg.seed, position, part)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _progress(total: int, initial: int, enabled: bool):

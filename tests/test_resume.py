@@ -190,3 +190,48 @@ def test_second_cycle_loss_weighting(tmp_path, shapes_data, embedding_cache, mon
     raw["diffusion"] = {**raw.get("diffusion", {}), "loss_weighting": "none", "prediction_type": "v_prediction"}
     pipeline.train.train(Config.model_validate(raw), progress=False)
     assert used == ["none"] * 4 + ["clamped_snr"] * 6
+
+
+def test_cpu_bf16_autocast_is_opt_in_and_resumes_bit_identical(tmp_path, shapes_data, embedding_cache, monkeypatch):
+    """train.precision: on the CPU, "auto" and "fp32" train in fp32 and "bf16" under bf16 autocast; channels_last
+    is off on the CPU by default. A bf16 run resumed from a checkpoint ends bit-identical to one that was not."""
+    import shutil
+
+    import pipeline.train
+    from pipeline.config import Config
+    from pipeline.objective import diffusion_loss
+
+    seen = []
+
+    def recording_loss(*args, **kwargs):
+        weight = args[0].conv_in.weight
+        seen.append((torch.is_autocast_enabled("cpu"), weight.is_contiguous(memory_format=torch.channels_last)))
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.train, "diffusion_loss", recording_loss)
+
+    def run(name: str, **train_cfg) -> Path:
+        train_cfg = {"max_steps": 6, "checkpoint_every": 3, "keep_last": 2} | train_cfg
+        raw = tiny_config(tmp_path / name, shapes_data, train=train_cfg, context={"cache_dir": str(embedding_cache)})
+        return Path(pipeline.train.train(Config.model_validate(raw), progress=False)).parent
+
+    for precision, autocast in (("auto", False), ("fp32", False), ("bf16", True)):
+        seen.clear()
+        run(precision, precision=precision)
+        assert seen == [(autocast, False)] * 6, precision
+    seen.clear()
+    run("bf16_cl", precision="bf16", channels_last=True)
+    assert seen == [(True, True)] * 6
+
+    # resume a copy of the bf16 run from its step-3 checkpoint: the same final weights as the uninterrupted run
+    full = tmp_path / "bf16" / "run"
+    resumed = tmp_path / "bf16_resumed" / "run"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(checkpoint_dirs(resumed)[-1])
+    assert [d.name for d in checkpoint_dirs(resumed)] == ["step-0000003"]
+    raw = tiny_config(tmp_path / "bf16_resumed", shapes_data, train={"max_steps": 6, "checkpoint_every": 3,
+                      "keep_last": 2, "precision": "bf16"}, context={"cache_dir": str(embedding_cache)})
+    pipeline.train.train(Config.model_validate(raw), resume=True, progress=False)
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
