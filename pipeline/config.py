@@ -219,12 +219,15 @@ class TrainConfig(_Strict):
                                            "batch_size); smaller: more, noisier updates for the same images")
     restart_loss_weighting: Literal["none", "min_snr", "clamped_snr"] | None = Field(
         None, description="diffusion.loss_weighting of the second cycle (default: the same)")
+    restart_precision: Literal["auto", "bf16", "fp32"] | None = Field(
+        None, description="precision of the second cycle (default: the same); e.g. bf16 for the first cycle's speed "
+        "and fp32 for the second, where shape is learnt (BENCHMARKS.md, session 9)")
 
     @model_validator(mode="after")
     def _restart_inside_run(self) -> TrainConfig:
         if self.restart_at is not None and self.restart_at >= self.max_steps:
             raise ValueError(f"restart_at ({self.restart_at}) must be below max_steps ({self.max_steps})")
-        for key in ("restart_batch_size", "restart_loss_weighting"):
+        for key in ("restart_batch_size", "restart_loss_weighting", "restart_precision"):
             if getattr(self, key) is not None and self.restart_at is None:
                 raise ValueError(f"{key} applies to the second cycle: set restart_at too")
         return self
@@ -236,6 +239,10 @@ class TrainConfig(_Strict):
         """The (global, per micro-batch) batch size of step `step` (0-based)."""
         second = self.in_second_cycle(step) and self.restart_batch_size
         return self.restart_batch_size if second else self.batch_size
+
+    def precision_at(self, step: int) -> str:
+        second = self.in_second_cycle(step) and self.restart_precision
+        return self.restart_precision if second else self.precision
 
     def samples_before(self, step: int) -> int:
         """Position in the training stream where step `step` starts: the samples of all steps before it."""

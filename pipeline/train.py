@@ -202,12 +202,16 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
     ddp = distributed.wrap(unet, part)  # the unet itself in a single process
     model = torch.compile(ddp) if t.compile else ddp
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    if bf16 and device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or
-                                              torch.cpu._is_amx_tile_supported()):
+
+    def autocast_at(step: int) -> dict:  # train.precision, or train.restart_precision in the second cycle
+        precision = t.precision_at(step)
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        return dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    if device.type == "cpu" and "bf16" in (t.precision, t.restart_precision) and not (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         log.warning("train.precision is bf16 but this CPU has no native bf16 (AVX512-BF16 or AMX): autocast will "
                     "emulate it, likely slower than fp32; set train.precision: fp32 (or auto) here")
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     last_good = ckpt
 
     def checkpoint() -> Path:
@@ -250,7 +254,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             if cond is not None:  # the condition image has its own dropout, for image guidance
                 cond = image_dropout(cond, data.has_condition[idx], cfg.context.image_dropout, generator, part)
             with distributed.accumulating(ddp, last_micro_batch=micro == t.grad_accum - 1):
-                with torch.autocast(**autocast):
+                with torch.autocast(**autocast_at(step)):
                     loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
                                           weighting, cfg.diffusion.snr_gamma, part, cond)
                 (loss / t.grad_accum).backward()

@@ -193,8 +193,9 @@ def test_second_cycle_loss_weighting(tmp_path, shapes_data, embedding_cache, mon
 
 
 def test_cpu_bf16_autocast_is_opt_in_and_resumes_bit_identical(tmp_path, shapes_data, embedding_cache, monkeypatch):
-    """train.precision: on the CPU, "auto" and "fp32" train in fp32 and "bf16" under bf16 autocast; channels_last
-    is off on the CPU by default. A bf16 run resumed from a checkpoint ends bit-identical to one that was not."""
+    """train.precision: on the CPU, "auto" and "fp32" train in fp32 and "bf16" under bf16 autocast (and
+    train.restart_precision switches it for the second cycle); channels_last is off on the CPU by default. A bf16
+    run resumed from a checkpoint ends bit-identical to one that was not."""
     import shutil
 
     import pipeline.train
@@ -222,6 +223,11 @@ def test_cpu_bf16_autocast_is_opt_in_and_resumes_bit_identical(tmp_path, shapes_
     seen.clear()
     run("bf16_cl", precision="bf16", channels_last=True)
     assert seen == [(True, True)] * 6
+    seen.clear()  # train.restart_precision: the second cycle in its own precision
+    run("bf16_then_fp32", precision="bf16", restart_at=3, restart_precision="fp32")
+    assert seen == [(True, False)] * 3 + [(False, False)] * 3
+    with pytest.raises(ValueError, match="restart_precision applies to the second cycle"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={"restart_precision": "fp32"}))
 
     # resume a copy of the bf16 run from its step-3 checkpoint: the same final weights as the uninterrupted run
     full = tmp_path / "bf16" / "run"
