@@ -235,14 +235,13 @@ class TrainConfig(_Strict):
     def in_second_cycle(self, step: int) -> bool:
         return self.restart_at is not None and step >= self.restart_at
 
+    def at(self, step: int, value, restart_value):
+        """`restart_value` (a restart_* setting) in the second cycle where it is set, else `value`."""
+        return restart_value if self.in_second_cycle(step) and restart_value is not None else value
+
     def batch_size_at(self, step: int) -> int:
         """The (global, per micro-batch) batch size of step `step` (0-based)."""
-        second = self.in_second_cycle(step) and self.restart_batch_size
-        return self.restart_batch_size if second else self.batch_size
-
-    def precision_at(self, step: int) -> str:
-        second = self.in_second_cycle(step) and self.restart_precision
-        return self.restart_precision if second else self.precision
+        return self.at(step, self.batch_size, self.restart_batch_size)
 
     def samples_before(self, step: int) -> int:
         """Position in the training stream where step `step` starts: the samples of all steps before it."""

@@ -204,7 +204,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     model = torch.compile(ddp) if t.compile else ddp
 
     def autocast_at(step: int) -> dict:  # train.precision, or train.restart_precision in the second cycle
-        precision = t.precision_at(step)
+        precision = t.at(step, t.precision, t.restart_precision)
         bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         return dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -242,8 +242,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             if t.batch_size_at(step) != t.batch_size:  # train.restart_batch_size
                 del batches  # stops its worker processes
                 batches = loader_from(step)
-        second = t.in_second_cycle(step) and t.restart_loss_weighting
-        weighting = t.restart_loss_weighting if second else cfg.diffusion.loss_weighting
+        weighting = t.at(step, cfg.diffusion.loss_weighting, t.restart_loss_weighting)
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)
             position = t.samples_before(step) + micro * t.batch_size_at(step)
