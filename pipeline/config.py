@@ -173,6 +173,10 @@ class DiffusionConfig(_Strict):
         "Min-SNR's cap on easy low-noise steps without starving the high-noise steps that decide layout",
     )
     snr_gamma: float = Field(5.0, gt=0)
+    loss_weight_floor: float = Field(
+        0.0, ge=0, le=1, description="min_snr / clamped_snr: no step weighs less than this share of its plain-MSE "
+        "weight (0: as published; 1: plain MSE). Min-SNR with a floor emphasizes mid noise without starving the "
+        "high-noise steps that hold the layout")
 
     @model_validator(mode="after")
     def _check(self):

@@ -9,12 +9,14 @@ from pipeline.encoders import ContextBatch
 from pipeline.network import ModelSpec, denoise
 
 
-def loss_weight(scheduler, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+def loss_weight(scheduler, t: torch.Tensor, weighting: str, gamma: float, floor: float = 0.0) -> torch.Tensor:
     """Per-sample weight on the MSE of the network's own target (epsilon or v).
 
     Written in x0 terms: the epsilon-MSE is the x0-MSE times SNR, the v-MSE is the x0-MSE times (SNR + 1).
     min_snr (Hang et al. 2023) wants x0-weight min(SNR, gamma); clamped_snr wants clamp(SNR, 1, gamma),
     which keeps Min-SNR's cap on the easy low-noise steps but does not starve the high-noise steps.
+    `floor` (0..1) keeps every step at least that share of its plain weight: 0 is the weighting as
+    published, 1 is plain MSE, in between Min-SNR's emphasis on mid noise without starving either end.
     """
     if weighting == "none":
         return torch.ones_like(t, dtype=torch.float32)
@@ -22,14 +24,13 @@ def loss_weight(scheduler, t: torch.Tensor, weighting: str, gamma: float) -> tor
 
     snr = compute_snr(scheduler, t)
     x0_weight = snr.clamp(max=gamma) if weighting == "min_snr" else snr.clamp(min=1.0, max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return x0_weight / (snr + 1)
-    return x0_weight / snr
+    plain_x0_weight = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return (x0_weight / plain_x0_weight).clamp(min=floor)
 
 
 def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: ContextBatch,
                    generator: torch.Generator, weighting: str = "none", gamma: float = 5.0,
-                   part: Part = WHOLE, cond: torch.Tensor | None = None) -> torch.Tensor:
+                   part: Part = WHOLE, cond: torch.Tensor | None = None, floor: float = 0.0) -> torch.Tensor:
     """One noise-prediction loss on a batch of clean images x0 in [-1, 1] (and condition images `cond`).
 
     Under DDP x0 is this rank's share of the global batch: t and noise are drawn for the whole global batch
@@ -41,7 +42,7 @@ def diffusion_loss(unet, spec: ModelSpec, scheduler, x0: torch.Tensor, ctx: Cont
     pred = denoise(unet, spec, x_t, t, ctx, cond)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
     mse = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
-    return (loss_weight(scheduler, t, weighting, gamma) * mse).mean()
+    return (loss_weight(scheduler, t, weighting, gamma, floor) * mse).mean()
 
 
 def cfg_dropout(caption_rows: torch.Tensor, p: float, null_row: int, generator: torch.Generator,

@@ -255,7 +255,8 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             with distributed.accumulating(ddp, last_micro_batch=micro == t.grad_accum - 1):
                 with torch.autocast(**autocast_at(step)):
                     loss = diffusion_loss(model, spec, scheduler, x0, table.index(rows.to(device)), generator,
-                                          weighting, cfg.diffusion.snr_gamma, part, cond)
+                                          weighting, cfg.diffusion.snr_gamma, part, cond,
+                                          floor=cfg.diffusion.loss_weight_floor)
                 (loss / t.grad_accum).backward()
         loss_value = part.mean(loss)  # the global batch's loss: every rank takes the same decisions below
         if not math.isfinite(loss_value):

@@ -47,6 +47,19 @@ def test_min_snr_weights_follow_the_formula():
     assert torch.all(loss_weight(sched, t, "none", 5.0) == 1)
 
 
+def test_loss_weight_floor_lifts_only_the_steps_below_it():
+    """Min-SNR's v-weight min(SNR, 5) / (SNR + 1) goes to 0 at both ends; a floor of 0.25 keeps those ends at 0.25
+    and leaves the mid-noise steps (weight above 0.25) as published; floor 1 is plain MSE."""
+    sched = _scheduler()
+    t = torch.arange(0, 1000, 37)
+    published = loss_weight(sched, t, "min_snr", 5.0)
+    floored = loss_weight(sched, t, "min_snr", 5.0, floor=0.25)
+    assert published.min() < 0.05 and published.max() > 0.8  # both ends starved, the middle kept
+    torch.testing.assert_close(floored, published.clamp(min=0.25))
+    assert torch.equal(floored[published >= 0.25], published[published >= 0.25])
+    assert torch.all(loss_weight(sched, t, "min_snr", 5.0, floor=1.0) == 1)
+
+
 def test_cfg_dropout_rate_is_as_configured_and_changes_between_steps():
     g = torch.Generator().manual_seed(0)
     rows = torch.arange(1, 20001)
