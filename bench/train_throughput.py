@@ -56,7 +56,7 @@ def reference_loop(cfg, steps: int, warmup: int, bf16: bool) -> float:
             with torch.no_grad():                                          # its frozen weights to bf16
                 ctx = encoder.encode(captions)
             loss = diffusion_loss(unet, spec, scheduler, x0, ctx, g, cfg.diffusion.loss_weighting,
-                                  cfg.diffusion.snr_gamma)
+                                  cfg.diffusion.snr_gamma, floor=cfg.diffusion.loss_weight_floor)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)
         opt.step()

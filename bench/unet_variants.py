@@ -71,7 +71,7 @@ def main() -> None:
             for _ in range(args.steps):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
                     loss = diffusion_loss(unet, spec, scheduler, x, ctx, g, cfg.diffusion.loss_weighting,
-                                          cfg.diffusion.snr_gamma)
+                                          cfg.diffusion.snr_gamma, floor=cfg.diffusion.loss_weight_floor)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
