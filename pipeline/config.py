@@ -226,6 +226,10 @@ class TrainConfig(_Strict):
     restart_precision: Literal["auto", "bf16", "fp32"] | None = Field(
         None, description="precision of the second cycle (default: the same); e.g. bf16 for the first cycle's speed "
         "and fp32 for the second, where shape is learnt (BENCHMARKS.md, session 9)")
+    first_cycle_resolution: int | None = Field(
+        None, ge=4, description="train the first cycle on the images downsampled (area average) to this side, e.g. 16 "
+        "for 32-px data: a step costs about a third; the UNet is convolutional, so its weights go on at "
+        "data.resolution in the second cycle (needs restart_at)")
 
     @model_validator(mode="after")
     def _restart_inside_run(self) -> TrainConfig:
@@ -234,6 +238,8 @@ class TrainConfig(_Strict):
         for key in ("restart_batch_size", "restart_loss_weighting", "restart_precision"):
             if getattr(self, key) is not None and self.restart_at is None:
                 raise ValueError(f"{key} applies to the second cycle: set restart_at too")
+        if self.first_cycle_resolution is not None and self.restart_at is None:
+            raise ValueError("first_cycle_resolution applies to the first cycle: set restart_at, where it ends")
         return self
 
     def in_second_cycle(self, step: int) -> bool:
@@ -246,6 +252,10 @@ class TrainConfig(_Strict):
     def batch_size_at(self, step: int) -> int:
         """The (global, per micro-batch) batch size of step `step` (0-based)."""
         return self.at(step, self.batch_size, self.restart_batch_size)
+
+    def resolution_at(self, step: int, data_resolution: int) -> int:
+        """The image side step `step` trains at: first_cycle_resolution before the restart, where it is set."""
+        return data_resolution if self.in_second_cycle(step) else (self.first_cycle_resolution or data_resolution)
 
     def samples_before(self, step: int) -> int:
         """Position in the training stream where step `step` starts: the samples of all steps before it."""
@@ -379,12 +389,14 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check(self):
         levels = len(self.model.block_out_channels)
-        unet_res = self.data.resolution // self.model.patch_size
-        if self.data.resolution % self.model.patch_size or unet_res % (2 ** (levels - 1)):
-            raise ValueError(
-                f"data.resolution {self.data.resolution} must be divisible by model.patch_size "
-                f"({self.model.patch_size}) x 2^(levels-1) ({2 ** (levels - 1)})"
-            )
+        for key, res in (("data.resolution", self.data.resolution),
+                         ("train.first_cycle_resolution", self.train.first_cycle_resolution)):
+            if res is not None and res % (self.model.patch_size * 2 ** (levels - 1)):
+                raise ValueError(f"{key} {res} must be divisible by model.patch_size ({self.model.patch_size}) x "
+                                 f"2^(levels-1) ({2 ** (levels - 1)})")
+        if (self.train.first_cycle_resolution or 0) >= self.data.resolution:
+            raise ValueError(f"train.first_cycle_resolution ({self.train.first_cycle_resolution}) must be below "
+                             f"data.resolution ({self.data.resolution}): it is the cheaper first cycle's image side")
         if self.context.encoder == "category" and self.data.label_column is None:
             raise ValueError("encoder 'category' needs data.label_column (the class label column)")
         check_loss_weighting("train.restart_loss_weighting", self.train.restart_loss_weighting,

@@ -246,9 +246,10 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)
             position = t.samples_before(step) + micro * t.batch_size_at(step)
-            x0 = _to_model_input(pixels, cfg, position, device, part, channels_last)
+            side = t.resolution_at(step, cfg.data.resolution)
+            x0 = _to_model_input(pixels, cfg, position, device, part, channels_last, side)
             cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part,
-                                                                     channels_last)
+                                                                     channels_last, side)
             rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator, part)
             if cond is not None:  # the condition image has its own dropout, for image guidance
                 cond = image_dropout(cond, data.has_condition[idx], cfg.context.image_dropout, generator, part)
@@ -294,9 +295,12 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
 
 def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part,
-                    channels_last: bool) -> torch.Tensor:
-    """uint8 images to [-1, 1] on the device; an image and its condition image get the same random flip."""
+                    channels_last: bool, side: int) -> torch.Tensor:
+    """uint8 images to [-1, 1] on the device, at `side` pixels (train.first_cycle_resolution); an image and its
+    condition image get the same random flip."""
     x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if side != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
     if cfg.data.random_flip:
         x = random_flip(x, cfg.seed, position, part)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -192,6 +192,47 @@ def test_second_cycle_loss_weighting(tmp_path, shapes_data, embedding_cache, mon
     assert used == ["none"] * 4 + ["clamped_snr"] * 6
 
 
+def test_first_cycle_trains_on_downsampled_images(tmp_path, shapes_data, embedding_cache, monkeypatch):
+    """train.first_cycle_resolution: before the restart the UNet sees the images area-averaged to that side, after it
+    at data.resolution; the saved model is a data.resolution model."""
+    import pipeline.train
+    from pipeline.config import Config
+    from pipeline.dataset import batch_loader
+    from pipeline.model_dir import load_model
+    from pipeline.objective import diffusion_loss
+
+    pixels, inputs = [], []
+
+    def recording_loader(*args, **kwargs):
+        for batch in batch_loader(*args, **kwargs):
+            pixels.append(batch[1])
+            yield batch
+
+    def recording_loss(*args, **kwargs):
+        inputs.append(args[3])  # diffusion_loss(model, spec, scheduler, x0, ...)
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.train, "batch_loader", recording_loader)
+    monkeypatch.setattr(pipeline.train, "diffusion_loss", recording_loss)
+    train_cfg = {"max_steps": 4, "restart_at": 2, "first_cycle_resolution": 8}
+    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train=train_cfg,
+                                            context={"cache_dir": str(embedding_cache)}))
+    pipeline.train.train(cfg, progress=False)
+    assert [x.shape[-1] for x in inputs] == [8, 8, 16, 16]
+    full = pixels[0].float() / 127.5 - 1
+    pooled = torch.nn.functional.avg_pool2d(full, 2)
+    for got, want in zip(inputs[0], pooled, strict=True):  # the random flip may mirror an image
+        assert torch.allclose(got, want, atol=1e-5) or torch.allclose(got, want.flip(-1), atol=1e-5)
+    assert load_model(tmp_path / "run" / "model").spec.resolution == 16
+
+    with pytest.raises(ValueError, match=r"first_cycle_resolution \(16\) must be below data.resolution \(16\)"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={**train_cfg, "first_cycle_resolution": 16}))
+    with pytest.raises(ValueError, match="first_cycle_resolution 6 must be divisible by model.patch_size"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={**train_cfg, "first_cycle_resolution": 6}))
+    with pytest.raises(ValueError, match="first_cycle_resolution applies to the first cycle: set restart_at"):
+        Config.model_validate(tiny_config(tmp_path, shapes_data, train={"first_cycle_resolution": 8}))
+
+
 def test_cpu_bf16_autocast_is_opt_in_and_resumes_bit_identical(tmp_path, shapes_data, embedding_cache, monkeypatch):
     """train.precision: on the CPU, "auto" and "fp32" train in fp32 and "bf16" under bf16 autocast (and
     train.restart_precision switches it for the second cycle); channels_last is off on the CPU by default. A bf16
