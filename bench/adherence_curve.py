@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import checkpoint_dirs
@@ -27,6 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     model = load_model(run / "model")
+    train_cfg = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    # train.first_cycle_resolution: a checkpoint from before the restart is scored at the side it trained at
+    low_res, restart_at = train_cfg.get("first_cycle_resolution"), train_cfg.get("restart_at")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     t0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["time"]
     when = {r["step"]: (r["time"] - t0) / 60 for r in lines}
@@ -37,8 +42,11 @@ def main() -> None:
             continue
         model.unet.load_state_dict(load_file(str(ckpt / ("ema.safetensors" if args.weights == "ema" else
                                                          "unet.safetensors"))))
-        s = evaluate(model, args.per_pair)["summary"]
+        side = low_res if low_res and step <= restart_at else model.spec.resolution
+        s = evaluate(dataclasses.replace(model, spec=model.spec.model_copy(update={"resolution": side})),
+                     args.per_pair)["summary"]
         row = {"step": step, "weights": args.weights, "minutes": round(when.get(step, float("nan")), 2),
+               "resolution": side,
                "colour+shape seen": s["seen"]["colour+shape"], "colour+shape held-out": s["held_out"]["colour+shape"],
                "colour": s["all"]["colour"], "shape": s["all"]["shape"], "size": s["all"]["size"],
                "position": s["all"]["position"], "all": s["all"]["all"]}

@@ -284,7 +284,9 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         if sample_every and (step % sample_every == 0 or step == t.max_steps):
             from pipeline.train_samples import log_sample_grid
 
-            log_sample_grid(cfg, step, unet, ema, scheduler, spec, data.captions, logger)
+            # sampled at the side this step trained at (train.first_cycle_resolution)
+            trained_at = spec.model_copy(update={"resolution": t.resolution_at(step - 1, cfg.data.resolution)})
+            log_sample_grid(cfg, step, unet, ema, scheduler, trained_at, data.captions, logger)
     bar.close()
 
     if not part.is_main:

@@ -195,11 +195,14 @@ def test_second_cycle_loss_weighting(tmp_path, shapes_data, embedding_cache, mon
 def test_first_cycle_trains_on_downsampled_images(tmp_path, shapes_data, embedding_cache, monkeypatch):
     """train.first_cycle_resolution: before the restart the UNet sees the images area-averaged to that side, after it
     at data.resolution; the saved model is a data.resolution model."""
+    from PIL import Image
+
     import pipeline.train
     from pipeline.config import Config
     from pipeline.dataset import batch_loader
     from pipeline.model_dir import load_model
     from pipeline.objective import diffusion_loss
+    from pipeline.tracking import JsonlLogger
 
     pixels, inputs = [], []
 
@@ -215,10 +218,13 @@ def test_first_cycle_trains_on_downsampled_images(tmp_path, shapes_data, embeddi
     monkeypatch.setattr(pipeline.train, "batch_loader", recording_loader)
     monkeypatch.setattr(pipeline.train, "diffusion_loss", recording_loss)
     train_cfg = {"max_steps": 4, "restart_at": 2, "first_cycle_resolution": 8}
-    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train=train_cfg,
-                                            context={"cache_dir": str(embedding_cache)}))
-    pipeline.train.train(cfg, progress=False)
+    cfg = Config.model_validate(tiny_config(tmp_path, shapes_data, train=train_cfg, tracking={"sample_every": 2,
+                                            "sample_steps": 2}, context={"cache_dir": str(embedding_cache)}))
+    pipeline.train.train(cfg, progress=False, logger=JsonlLogger(tmp_path / "tracker"))  # a logger: sample grids
     assert [x.shape[-1] for x in inputs] == [8, 8, 16, 16]
+    # the sample grids are drawn at the side each cycle trains at
+    grids = [Image.open(tmp_path / "run" / "samples" / f"step-{s:07d}.png") for s in (2, 4)]
+    assert 2 * grids[0].size[0] == grids[1].size[0] and 2 * grids[0].size[1] == grids[1].size[1]
     full = pixels[0].float() / 127.5 - 1
     pooled = torch.nn.functional.avg_pool2d(full, 2)
     for got, want in zip(inputs[0], pooled, strict=True):  # the random flip may mirror an image
