@@ -1,6 +1,8 @@
 """Training-step speed of UNet variants of a config: forward + backward + AdamW step on one random batch,
 the variants measured in interleaved rounds so a machine whose speed drifts affects them alike. Besides model
-sizes, the variants cover the precision (fp32 / bf16 autocast) and memory format (channels_last) of the step.
+sizes, the variants cover the precision (fp32 / bf16 autocast) and memory format (channels_last) of the step, the
+input side (train.first_cycle_resolution) and the batch size. "config as is" steps at data.resolution and
+train.batch_size.
 
     .venv/bin/python bench/unet_variants.py [--config configs/shapes.yaml] [--rounds 6] [--only bf16 fp32]
 """
@@ -23,8 +25,12 @@ def unet(channels: tuple[int, ...], attention: tuple[bool, ...]) -> dict:
     return {"model.block_out_channels": list(channels), "model.attention_levels": list(attention)}
 
 
-VARIANTS = {  # overrides of the config's model section
+VARIANTS = {  # overrides of the config; "side" and "batch": the input images' side and the batch size of the step
     "config as is": {},
+    "config, 16x16 input (train.first_cycle_resolution)": {"side": 16},
+    "config, 16x16 input, batch 64": {"side": 16, "batch": 64},
+    "config, 24x24 input": {"side": 24},
+    "config, batch 16 (train.restart_batch_size)": {"batch": 16},
     "session-4 demo UNet: (64, 96, 128), attention at 8x8 and 4x4": unet((64, 96, 128), (False, True, True)),
     "(96, 96, 128), attention at 8x8 and 4x4": unet((96, 96, 128), (False, True, True)),
     "(96, 96, 128), no attention": unet((96, 96, 128), (False, False, False)),
@@ -48,26 +54,29 @@ def main() -> None:
     args = ap.parse_args()
     base = load_config(args.config)
     encoder = build_encoder(base.context.encoder, base.context.max_length, base.context.clip_path)
-    bs, res, length = base.train.batch_size, base.data.resolution, base.context.max_length
-    x0 = torch.randn(bs, 3, res, res)
-    ctx = ContextBatch(tokens=torch.randn(bs, length, encoder.dim), mask=torch.ones(bs, length, dtype=torch.bool),
-                       pooled=torch.randn(bs, encoder.dim))
+    length = base.context.max_length
     g = torch.Generator().manual_seed(0)
     runs = {}
-    for name, overrides in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         if args.only and name != "config as is" and not any(word in name for word in args.only):
             continue
+        overrides = {k: v for k, v in variant.items() if k not in ("side", "batch")}
         cfg = load_config(args.config, overrides)
         spec = model_spec(cfg, encoder, encoder.dim)
         unet = unet_from_config(spec, cfg)
         if cfg.train.channels_last:  # as the trainer does on the CPU: None (the default) is off there
             unet = unet.to(memory_format=torch.channels_last)
-        runs[name] = (cfg, spec, unet, make_train_scheduler(cfg), torch.optim.AdamW(unet.parameters(), lr=1e-3))
+        bs, side = variant.get("batch", cfg.train.batch_size), variant.get("side", cfg.data.resolution)
+        x = torch.randn(bs, 3, side, side)
+        x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+        ctx = ContextBatch(tokens=torch.randn(bs, length, encoder.dim), mask=torch.ones(bs, length, dtype=torch.bool),
+                           pooled=torch.randn(bs, encoder.dim))
+        runs[name] = (cfg, spec, unet, make_train_scheduler(cfg), torch.optim.AdamW(unet.parameters(), lr=1e-3),
+                      x, ctx)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(args.rounds + 1):  # round 0 warms up
-        for name, (cfg, spec, unet, scheduler, opt) in runs.items():
+        for name, (cfg, spec, unet, scheduler, opt, x, ctx) in runs.items():
             start = time.perf_counter()
-            x = x0.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x0
             for _ in range(args.steps):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
                     loss = diffusion_loss(unet, spec, scheduler, x, ctx, g, cfg.diffusion.loss_weighting,
@@ -76,9 +85,10 @@ def main() -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             if rnd:
-                rates[name].append(args.steps * bs / (time.perf_counter() - start))
+                rates[name].append(args.steps * x.shape[0] / (time.perf_counter() - start))
     ref = statistics.median(rates["config as is"])
-    print(f"batch {bs}, {res}x{res}, {torch.get_num_threads()} threads; median of {args.rounds} rounds")
+    print(f"config as is: batch {base.train.batch_size}, {base.data.resolution}x{base.data.resolution}, "
+          f"{torch.get_num_threads()} threads; median of {args.rounds} rounds")
     print("| variant | parameters | img/s | vs config |\n| --- | ---: | ---: | ---: |")
     for name, r in rates.items():
         params = sum(p.numel() for p in runs[name][2].parameters())

@@ -25,8 +25,10 @@ from tests.conftest import ROOT, tiny_config, write_config
 # grad_accum 2 covers DDP's no_sync path; batch 8 / 2 ranks = 4 samples per rank per micro-batch;
 # random_flip and CFG dropout (default 0.1) cover the other random draws that must not depend on the world size.
 TRAIN = {"max_steps": 6, "checkpoint_every": 3, "keep_last": 3, "log_every": 1, "batch_size": 8, "grad_accum": 2}
-# Float32 gradients summed in a different order, through 6 AdamW steps: max |diff| 2.6e-6 observed on CPU
-TOLERANCE = 2e-5
+# Float32 gradients summed in a different order, through 6 AdamW steps: max |diff| 2.6e-6 observed on AMD CPUs, 2.05e-5
+# on an Intel Xeon with AVX-512 VNNI (session 12; oneDNN's kernels round differently at batch 4 and 8). The bound stays
+# a twentieth of what steps 4..6 alone move the weights (asserted below), so a rank's wrong update still fails it.
+TOLERANCE = 5e-5
 
 
 def _config(tmp: Path, name: str, shapes_data: Path, cache: Path) -> Path:
@@ -90,7 +92,7 @@ def test_two_ranks_match_one_process(one_process, shapes_data):
     (raw1, ema1), (raw2, ema2) = _weights(single), _weights(ddp)
     # the comparison means something only if training moved the weights far more than the tolerance
     first = load_file(str(checkpoint_dirs(single)[0] / "unet.safetensors"))
-    assert _max_diff(first, raw1) > 50 * TOLERANCE  # steps 4..6 alone moved a weight by 3e-3
+    assert _max_diff(first, raw1) > 20 * TOLERANCE  # steps 4..6 alone moved a weight by 3e-3
     assert _max_diff(raw1, raw2) < TOLERANCE
     assert _max_diff(ema1, ema2) < TOLERANCE
     l1, l2 = _losses(single), _losses(ddp)
