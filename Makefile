@@ -26,7 +26,7 @@ $(TOOLS)/.installed: infra/lint-tools.txt
 tools-venv: $(TOOLS)/.installed
 
 # The main job on the embedded default: the three Airflow DAGs in order on the shapes data (dataset_update ->
-# retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store (16 min on 2 AVX-512 cores in session 8, training 14 of them; longer on an AVX2-only host: BENCHMARKS.md).
+# retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store (15 min on 2 AVX-512 cores in session 12, training 12.5 of them; longer on an AVX2-only host: BENCHMARKS.md).
 demo: venv
 	$(PY) -m pipeline.demo
 
