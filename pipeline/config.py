@@ -255,7 +255,7 @@ class TrainConfig(_Strict):
 
     def resolution_at(self, step: int, data_resolution: int) -> int:
         """The image side step `step` trains at: first_cycle_resolution before the restart, where it is set."""
-        return data_resolution if self.in_second_cycle(step) else (self.first_cycle_resolution or data_resolution)
+        return self.at(step, self.first_cycle_resolution or data_resolution, data_resolution)
 
     def samples_before(self, step: int) -> int:
         """Position in the training stream where step `step` starts: the samples of all steps before it."""
