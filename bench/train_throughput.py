@@ -68,8 +68,10 @@ def ours(cfg, steps: int, warmup: int, run_dir: Path) -> tuple[float, float]:
     """(steady-state img/s, wall seconds including the one-off data decode and caption encoding)."""
     from pipeline.train import train
 
+    # every step at data.resolution, as the reference's: a config's 16x16 first cycle would not be like for like
     cfg = cfg.model_copy(update={"run_dir": run_dir, "train": cfg.train.model_copy(update={
-        "max_steps": warmup + steps, "log_every": warmup, "checkpoint_every": 10**9, "warmup_steps": 1})})
+        "max_steps": warmup + steps, "log_every": warmup, "checkpoint_every": 10**9, "warmup_steps": 1,
+        "first_cycle_resolution": None})})
     t0 = time.perf_counter()
     train(cfg, progress=False, overwrite=True)
     wall = time.perf_counter() - t0

@@ -41,6 +41,8 @@ VARIANTS = {  # overrides of the config; "side" and "batch": the input images' s
     "config, fp32, channels_last": {"train.precision": "fp32", "train.channels_last": True},
     "config, bf16 autocast": {"train.precision": "bf16", "train.channels_last": False},
     "config, bf16 autocast, channels_last": {"train.precision": "bf16", "train.channels_last": True},
+    "config, 16x16 input, bf16 autocast": {"side": 16, "train.precision": "bf16", "train.channels_last": False},
+    "config, batch 16, bf16 autocast": {"batch": 16, "train.precision": "bf16", "train.channels_last": False},
 }
 
 
