@@ -11,11 +11,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import checkpoint_dirs
-from pipeline.config import Config
+from pipeline.config import load_config
 from pipeline.evaluate_shapes import evaluate
 from pipeline.model_dir import load_model
 
@@ -31,7 +30,7 @@ def main() -> None:
     run = Path(args.run)
     model = load_model(run / "model")
     # train.first_cycle_resolution: a checkpoint from before the restart is scored at the side it trained at
-    cfg = Config.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = load_config(run / "config.yaml")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     t0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["time"]
     when = {r["step"]: (r["time"] - t0) / 60 for r in lines}
@@ -42,7 +41,7 @@ def main() -> None:
             continue
         model.unet.load_state_dict(load_file(str(ckpt / ("ema.safetensors" if args.weights == "ema" else
                                                          "unet.safetensors"))))
-        side = cfg.train.resolution_at(step - 1, cfg.data.resolution)  # the side its last step trained at
+        side = cfg.train.resolution_after(step, cfg.data.resolution)
         s = evaluate(dataclasses.replace(model, spec=model.spec.model_copy(update={"resolution": side})),
                      args.per_pair)["summary"]
         row = {"step": step, "weights": args.weights, "minutes": round(when.get(step, float("nan")), 2),

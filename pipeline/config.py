@@ -257,6 +257,10 @@ class TrainConfig(_Strict):
         """The image side step `step` trains at: first_cycle_resolution before the restart, where it is set."""
         return self.at(step, self.first_cycle_resolution or data_resolution, data_resolution)
 
+    def resolution_after(self, steps_done: int, data_resolution: int) -> int:
+        """The side the weights after `steps_done` steps last trained at: a checkpoint's or a sample grid's."""
+        return self.resolution_at(steps_done - 1, data_resolution)
+
     def samples_before(self, step: int) -> int:
         """Position in the training stream where step `step` starts: the samples of all steps before it."""
         first = min(step, self.restart_at or step)

@@ -285,7 +285,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
             from pipeline.train_samples import log_sample_grid
 
             # sampled at the side this step trained at (train.first_cycle_resolution)
-            trained_at = spec.model_copy(update={"resolution": t.resolution_at(step - 1, cfg.data.resolution)})
+            trained_at = spec.model_copy(update={"resolution": t.resolution_after(step, cfg.data.resolution)})
             log_sample_grid(cfg, step, unet, ema, scheduler, trained_at, data.captions, logger)
     bar.close()
 
