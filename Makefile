@@ -9,7 +9,7 @@ DEMO_RUN := runs/shapes
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[data,airflow,dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,7 +28,7 @@ tools-venv: $(TOOLS)/.installed
 # The main job on the embedded default: the three Airflow DAGs in order on the shapes data (dataset_update ->
 # retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store (10.3 min on 2 AVX-512 + AMX cores in session 13, training 8.9 of them; about 16 on session 12's AVX-512 host by its step speeds, longer on AVX2-only ones: BENCHMARKS.md).
 demo: venv
-	$(PY) -m pipeline.demo
+	$(PY) -m pipeline.orchestration.demo
 
 # The Airflow UI (http://127.0.0.1:8080) and the MLflow UI (http://127.0.0.1:5000) on the demo's state.
 ui: venv

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import checkpoint_dirs
-from pipeline.config import load_config
-from pipeline.evaluate_shapes import evaluate
-from pipeline.model_dir import load_model
+from pipeline.config import load_saved_config
+from pipeline.model.folder import load_model
+from pipeline.shapes.protocol import evaluate
+from pipeline.training.checkpoints import checkpoint_dirs
+from pipeline.training.schedule import Schedule
 
 
 def main() -> None:
@@ -29,8 +30,9 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     model = load_model(run / "model")
-    # train.first_cycle_resolution: a checkpoint from before the restart is scored at the side it trained at
-    cfg = load_config(run / "config.yaml")
+    # a checkpoint of a cycle at a lower resolution is scored at the side it trained at
+    cfg = load_saved_config(run / "config.yaml")
+    schedule = Schedule(cfg.train, cfg.data.resolution)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     t0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["time"]
     when = {r["step"]: (r["time"] - t0) / 60 for r in lines}
@@ -41,7 +43,7 @@ def main() -> None:
             continue
         model.unet.load_state_dict(load_file(str(ckpt / ("ema.safetensors" if args.weights == "ema" else
                                                          "unet.safetensors"))))
-        side = cfg.train.resolution_after(step, cfg.data.resolution)
+        side = schedule.resolution_after(step)
         s = evaluate(dataclasses.replace(model, spec=model.spec.model_copy(update={"resolution": side})),
                      args.per_pair)["summary"]
         row = {"step": step, "weights": args.weights, "minutes": round(when.get(step, float("nan")), 2),

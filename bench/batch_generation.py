@@ -8,8 +8,8 @@ Three ways to make the same images with the same model, in one process:
               and a fresh DPMSolverMultistepScheduler) and calls it once per prompt, the way a script calling
               a StableDiffusionPipeline-style `pipe(prompt, generator=...)` does: guidance doubles each call's
               batch to 2
-  batched     pipeline.sample.generate on batches of --batch-size prompts (guidance batched as 2 x batch)
-  end-to-end  pipeline.generation.generate_shard: prompt store (SQLite) -> batches -> PNGs written atomically
+  batched     pipeline.model.sampling.generate on batches of --batch-size prompts (guidance batched as 2 x batch)
+  end-to-end  pipeline.generation.batch.generate_shard: prompt store (SQLite) -> batches -> PNGs written atomically
               -> output rows; includes model load, coverage scoring, PNG encoding and the database
 The images of `reference` and `batched` are compared pixel for pixel (same seed -> same image). Reference and
 batched run interleaved, one batch of prompts at a time, so a machine shared with other work slows both alike.
@@ -29,23 +29,27 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import yaml
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+
+from pipeline.config import GenerationConfig
+from pipeline.generation.batch import generate_shard
+from pipeline.generation.prompt_store import open_store, parse_prompt
+from pipeline.images import to_uint8
+from pipeline.model.encoders import ContextBatch
+from pipeline.model.folder import load_model
+from pipeline.model.network import denoise
+from pipeline.model.sampling import encode_prompts, generate
+from pipeline.shapes import dataset as shapes
 
 
 def prompt_set(n: int) -> list[str]:
-    from pipeline import shapes
-
     combos = [(c, s, p) for p in shapes.POSITIONS for c in shapes.COLOURS for s in shapes.SHAPES]
     return [f"a {c} {s} (large) {'in the center' if p == 'center' else 'at the ' + p}, on white"
             for c, s, p in combos[:n]]
 
 
 def pipeline_class():
-    from diffusers import DiffusionPipeline
-
-    from pipeline.encoders import ContextBatch
-    from pipeline.network import denoise
-    from pipeline.sample import encode_prompts, to_uint8
-
     class PromptPipeline(DiffusionPipeline):
         """A minimal diffusers pipeline for this model family: UNet + scheduler as registered modules; the text
         encoder (MiniLM, loaded once like a pipeline's text_encoder) and the conditioning spec as attributes."""
@@ -77,8 +81,6 @@ def pipeline_class():
 
 
 def reference(loaded, prompts, seeds, steps, guidance, dtype) -> tuple[float, torch.Tensor]:
-    from diffusers import DPMSolverMultistepScheduler
-
     cls = pipeline_class()
     out = []
     t0 = time.perf_counter()
@@ -91,8 +93,6 @@ def reference(loaded, prompts, seeds, steps, guidance, dtype) -> tuple[float, to
 
 
 def batched(loaded, prompts, seeds, steps, guidance, batch_size, dtype) -> tuple[float, torch.Tensor]:
-    from pipeline.sample import generate
-
     t0 = time.perf_counter()
     images = generate(loaded, prompts, seeds, sampler="dpmpp", steps=steps, guidance=guidance,
                       batch_size=batch_size, autocast_dtype=dtype)
@@ -102,12 +102,6 @@ def batched(loaded, prompts, seeds, steps, guidance, batch_size, dtype) -> tuple
 
 
 def end_to_end(model: str, prompts, seeds, steps, guidance, batch_size, device) -> dict:
-    import yaml
-
-    from pipeline.config import GenerationConfig
-    from pipeline.generation import generate_shard
-    from pipeline.prompt_store import open_store, parse_prompt
-
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/prompts.db"
         gc = GenerationConfig(steps=steps, guidance=guidance)
@@ -136,7 +130,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipeline.model_dir import load_model
 
     if not Path(args.model, "conditioning.json").is_file():
         raise SystemExit(f"no model at {args.model}: run `make demo` (or pass --model RUN_DIR/model)")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evaluate_shapes import evaluate_doodles
-from pipeline.model_dir import load_model
+from pipeline.model.folder import load_model
+from pipeline.shapes.protocol import evaluate_doodles
 
 
 def main() -> None:

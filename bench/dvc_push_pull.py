@@ -30,6 +30,10 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from s3_server import serve_s3  # noqa: E402  the tests' local S3 server
 
+from pipeline.config import IngestConfig  # noqa: E402
+from pipeline.data.ingest import ingest  # noqa: E402
+from pipeline.data.versioning import configure_remote  # noqa: E402
+
 BUCKET = "bench"
 KEY, SECRET = "benchkey", "benchsecret"
 
@@ -65,8 +69,6 @@ def digest(root: Path) -> dict[str, str]:
 
 def measure(label: str, data: Path, work: Path, endpoint: str, jobs: int | None) -> dict:
     """Fresh project with `data` copied to proj/data/<name>: add, push, wipe, pull."""
-    from pipeline.dvc_remote import configure_remote
-
     proj = work / f"proj-{label}"
     target = proj / "data" / data.name
     shutil.copytree(data, target)
@@ -108,9 +110,6 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=None, help="dvc push/pull --jobs (default: DVC's, 4 x cores)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/dvc_push_pull.json"))
     args = ap.parse_args()
-
-    from pipeline.config import IngestConfig
-    from pipeline.ingest import ingest
 
     work = args.work or Path(tempfile.mkdtemp(prefix="dvc-bench-"))
     work.mkdir(parents=True, exist_ok=True)

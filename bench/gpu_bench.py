@@ -11,8 +11,18 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from diffusers.training_utils import EMAModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import load_config
+from pipeline.model.encoders import ContextBatch, MiniLMEncoder
+from pipeline.model.folder import load_model
+from pipeline.model.sampling import generate
+from pipeline.training.loop import make_train_scheduler, model_spec, train, unet_from_config
+from pipeline.training.objective import diffusion_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script's code paths (--smoke)
 # a 64 px UNet where the GPU has more work to do than with the demo's
@@ -29,11 +39,6 @@ def peak_flops() -> float:
 def spec_and_context(cfg):
     """The trainer's ModelSpec for `cfg` with MiniLM context, and a random context batch of its shape (the text
     encoder's weights are not needed to time or count the UNet)."""
-    from types import SimpleNamespace
-
-    from pipeline.encoders import ContextBatch, MiniLMEncoder
-    from pipeline.train import model_spec
-
     b, L, d = cfg.train.batch_size, cfg.context.max_length, MiniLMEncoder.dim
     ctx = ContextBatch(torch.randn(b, L, d, device=DEVICE), torch.ones(b, L, device=DEVICE, dtype=torch.long),
                        torch.randn(b, d, device=DEVICE))
@@ -43,11 +48,6 @@ def spec_and_context(cfg):
 
 def step_flops(cfg) -> float:
     """FLOPs of one training step's forward+backward, counted on a real batch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler, unet_from_config
-
     spec, ctx = spec_and_context(cfg)
     unet = unet_from_config(spec, cfg).to(DEVICE)
     sched = make_train_scheduler(cfg)
@@ -70,11 +70,6 @@ def step_breakdown(cfg, steps: int, variants: dict) -> dict:
     """Where one training step's time goes, phase by phase (synchronised), on synthetic data with the trainer's
     pieces: the loss (t and noise from a CPU generator, as the trainer draws them), backward, clip + fused AdamW,
     EMA. Variants: channels_last, cudnn.benchmark and diffusers' EMA foreach; ms per step, mean of `steps`."""
-    from diffusers.training_utils import EMAModel
-
-    from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler, unet_from_config
-
     spec, ctx = spec_and_context(cfg)
     b, r = cfg.train.batch_size, cfg.data.resolution
     out = {}
@@ -131,8 +126,6 @@ def step_breakdown(cfg, steps: int, variants: dict) -> dict:
 
 
 def train_bench(cfg, steps: int, run_dir: Path) -> dict:
-    from pipeline.train import train
-
     cfg = cfg.model_copy(update={"run_dir": run_dir, "train": cfg.train.model_copy(update={
         "max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9, "warmup_steps": 1})})
     train(cfg, progress=False, overwrite=True)
@@ -156,9 +149,6 @@ def synced() -> float:
 
 
 def sample_bench(model_dir: Path, n: int) -> dict:
-    from pipeline.model_dir import load_model
-    from pipeline.sample import generate
-
     model = load_model(model_dir, device=DEVICE)
     prompts = ["a large red circle in the center on a white background"] * n
     generate(model, prompts[:8], list(range(8)), steps=4, autocast_dtype=torch.bfloat16)  # warm-up
@@ -180,7 +170,6 @@ def main() -> None:
                     help="run only the per-phase step breakdown (compile: with and without torch.compile)")
     args = ap.parse_args()
     small = {"train.batch_size": 8, "data.resolution": 16} if args.smoke else {}
-    from pipeline.config import load_config
 
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",

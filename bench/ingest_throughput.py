@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.config import IngestConfig
+from pipeline.data.ingest import ingest
+from pipeline.images import to_square
+
 
 def make_sources(root: Path, num: int) -> None:
     """Photo-like 256x256 JPEGs (smooth gradients + texture), quality 90, with a metadata.jsonl."""
@@ -36,8 +40,6 @@ def make_sources(root: Path, num: int) -> None:
 
 
 def reference(root: Path, resolution: int) -> int:
-    from pipeline.dataset import to_square
-
     arrays = []
     for line in (root / "metadata.jsonl").read_text().splitlines():
         with Image.open(root / json.loads(line)["file_name"]) as im:
@@ -46,9 +48,6 @@ def reference(root: Path, resolution: int) -> int:
 
 
 def main() -> None:
-    from pipeline.config import IngestConfig
-    from pipeline.ingest import ingest
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--num", type=int, default=4000)
     ap.add_argument("--resolution", type=int, default=256)

@@ -16,13 +16,16 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from train_throughput import ours
+
+from pipeline.config import load_config
+from pipeline.data.loader import open_training_data
+from pipeline.training.batches import batch_loader
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 
 def loader_rate(cfg, batches: int, workers: int) -> float:
-    from pipeline.dataset import batch_loader, open_training_data
-
     data = open_training_data(cfg.data, cfg.ingest)
     it = batch_loader(data.images, cfg.seed, 0, cfg.train.batch_size, workers, pin_memory=False)
     for _ in range(10):  # workers started, pages warm
@@ -35,10 +38,6 @@ def loader_rate(cfg, batches: int, workers: int) -> float:
 
 
 def main() -> None:
-    from train_throughput import ours
-
-    from pipeline.config import load_config
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/shapes.yaml")
     ap.add_argument("--batches", type=int, default=400)

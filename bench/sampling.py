@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evaluate_shapes import evaluate_model
+from pipeline.shapes.protocol import evaluate_model
 
 RUNS = (("dpmpp", 20), ("ddim", 50), ("ddpm", 1000))
 

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.images import to_square
+from pipeline.model.encoders import build_encoder
+from pipeline.training.loop import make_train_scheduler, model_spec, train, unet_from_config
+from pipeline.training.objective import diffusion_loss
 
 
 def reference_loop(cfg, steps: int, warmup: int, bf16: bool) -> float:
     """img/s of the reference: per step, open+decode PNGs and run the text encoder (bf16: both under bf16
     autocast, as the script's `--mixed_precision bf16` runs them)."""
-    from PIL import Image
-
-    from pipeline.dataset import to_square
-    from pipeline.encoders import build_encoder
-    from pipeline.objective import diffusion_loss
-    from pipeline.train import make_train_scheduler, model_spec, unet_from_config
-
     root = Path(cfg.data.path)
     records = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
     encoder = build_encoder(cfg.context.encoder, cfg.context.max_length, cfg.context.clip_path)
@@ -56,7 +56,7 @@ def reference_loop(cfg, steps: int, warmup: int, bf16: bool) -> float:
             with torch.no_grad():                                          # its frozen weights to bf16
                 ctx = encoder.encode(captions)
             loss = diffusion_loss(unet, spec, scheduler, x0, ctx, g, cfg.diffusion.loss_weighting,
-                                  cfg.diffusion.snr_gamma, floor=cfg.diffusion.loss_weight_floor)
+                                  cfg.diffusion.snr_gamma)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)
         opt.step()
@@ -66,12 +66,11 @@ def reference_loop(cfg, steps: int, warmup: int, bf16: bool) -> float:
 
 def ours(cfg, steps: int, warmup: int, run_dir: Path) -> tuple[float, float]:
     """(steady-state img/s, wall seconds including the one-off data decode and caption encoding)."""
-    from pipeline.train import train
-
-    # every step at data.resolution, as the reference's: a config's 16x16 first cycle would not be like for like
+    # one cycle, every step at data.resolution and train.batch_size, as the reference's: a config's cheaper 16x16
+    # first cycle would not be like for like
     cfg = cfg.model_copy(update={"run_dir": run_dir, "train": cfg.train.model_copy(update={
         "max_steps": warmup + steps, "log_every": warmup, "checkpoint_every": 10**9, "warmup_steps": 1,
-        "first_cycle_resolution": None})})
+        "cycles": []})})
     t0 = time.perf_counter()
     train(cfg, progress=False, overwrite=True)
     wall = time.perf_counter() - t0
@@ -87,7 +86,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="runs/bench/train_throughput.json")
     args = ap.parse_args()
-    from pipeline.config import load_config
 
     cfg = load_config(Path(args.config))
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """Training-step speed of UNet variants of a config: forward + backward + AdamW step on one random batch,
 the variants measured in interleaved rounds so a machine whose speed drifts affects them alike. Besides model
 sizes, the variants cover the precision (fp32 / bf16 autocast) and memory format (channels_last) of the step, the
-input side (train.first_cycle_resolution) and the batch size. "config as is" steps at data.resolution and
+input side (a cycle's resolution) and the batch size. "config as is" steps at data.resolution and
 train.batch_size.
 
     .venv/bin/python bench/unet_variants.py [--config configs/shapes.yaml] [--rounds 6] [--only bf16 fp32]
@@ -16,9 +16,9 @@ import time
 import torch
 
 from pipeline.config import load_config
-from pipeline.encoders import ContextBatch, build_encoder
-from pipeline.objective import diffusion_loss
-from pipeline.train import make_train_scheduler, model_spec, unet_from_config
+from pipeline.model.encoders import ContextBatch, build_encoder
+from pipeline.training.loop import make_train_scheduler, model_spec, unet_from_config
+from pipeline.training.objective import diffusion_loss
 
 
 def unet(channels: tuple[int, ...], attention: tuple[bool, ...]) -> dict:
@@ -27,11 +27,11 @@ def unet(channels: tuple[int, ...], attention: tuple[bool, ...]) -> dict:
 
 VARIANTS = {  # overrides of the config; "side" and "batch": the input images' side and the batch size of the step
     "config as is": {},
-    "config, 16x16 input (train.first_cycle_resolution)": {"side": 16},
+    "config, 16x16 input (a cycle's resolution)": {"side": 16},
     "config, 16x16 input, batch 64": {"side": 16, "batch": 64},
     "config, 24x24 input": {"side": 24},
-    "config, batch 16 (train.restart_batch_size)": {"batch": 16},
-    "session-4 demo UNet: (64, 96, 128), attention at 8x8 and 4x4": unet((64, 96, 128), (False, True, True)),
+    "config, batch 16 (a cycle's batch size)": {"batch": 16},
+    "(64, 96, 128), attention at 8x8 and 4x4": unet((64, 96, 128), (False, True, True)),
     "(96, 96, 128), attention at 8x8 and 4x4": unet((96, 96, 128), (False, True, True)),
     "(96, 96, 128), no attention": unet((96, 96, 128), (False, False, False)),
     "(128, 128, 128), attention at 4x4": unet((128, 128, 128), (False, False, True)),
@@ -82,7 +82,7 @@ def main() -> None:
             for _ in range(args.steps):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
                     loss = diffusion_loss(unet, spec, scheduler, x, ctx, g, cfg.diffusion.loss_weighting,
-                                          cfg.diffusion.snr_gamma, floor=cfg.diffusion.loss_weight_floor)
+                                          cfg.diffusion.snr_gamma)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
-# The Airflow image: apache/airflow 3.3 + this project (DAGs, pipeline package, configs) + the docker and
-# cncf.kubernetes providers that the training runners use. Every Airflow component runs it (api-server,
+# The Airflow image: apache/airflow 3.3 + this project with its `airflow` and `data` extras (DAGs, pipeline
+# package, configs, the Great Expectations gate, DVC, and the docker and cncf.kubernetes providers that the
+# training runners use). Every Airflow component runs it (api-server,
 # scheduler, dag-processor, triggerer, Celery or Kubernetes-executor workers), and so does the MLflow server in
 # docker/docker-compose.yaml (mlflow, boto3 and psycopg2 are all here at the project's pinned versions).
 #
@@ -31,8 +32,8 @@ COPY --chown=airflow:0 dags ./dags
 COPY --chown=airflow:0 infra/k8s ./infra/k8s
 # apache-airflow==3.3.2 is named so pip can never move Airflow itself while resolving the project.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt \
-        "apache-airflow==3.3.2" -e . "psycopg2-binary" \
-    && python -c "import airflow.providers.docker, airflow.providers.cncf.kubernetes, pipeline.runners"
+        "apache-airflow==3.3.2" -e ".[airflow,data]" "psycopg2-binary" \
+    && python -c "import airflow.providers.docker, airflow.providers.cncf.kubernetes, pipeline.orchestration.runners"
 
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/diffuse/dags \
     AIRFLOW__CORE__LOAD_EXAMPLES=False

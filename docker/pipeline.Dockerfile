@@ -1,5 +1,5 @@
 # The pipeline image: training (one GPU, or several through torchrun + DDP) and batch generation on CUDA.
-# Used by the docker and kubernetes training runners (pipeline/runners.py) and the compose `trainer` service.
+# Used by the docker and kubernetes training runners (pipeline/orchestration/runners.py) and the compose `trainer` service.
 #
 #   docker build -f docker/pipeline.Dockerfile -t diffuse-pipeline:0.1.0 .          (from the repository root)
 #
@@ -30,14 +30,15 @@ COPY docker/check_base.py /tmp/check_base.py
 RUN python /tmp/check_base.py constraints.txt \
     && grep -v '^torch==' constraints.txt > /tmp/constraints-without-torch.txt
 
-# The project is installed editable from /opt/diffuse, so configs/ and dags/ sit beside the package
-# (pipeline/orchestration.py resolves them relative to the project folder) at the same path as in the
-# Airflow image: a config path that Airflow hands to a training job means the same file in both images.
+# The project is installed editable from /opt/diffuse, so configs/ sit beside the package at the same path as in
+# the Airflow image: a config path that Airflow hands to a training job means the same file in both images.
+# Only the core dependencies: no Airflow, Great Expectations or DVC in a training or generation job (the check
+# after the install fails the build if one of them came in anyway).
 COPY pipeline ./pipeline
 COPY configs ./configs
-COPY dags ./dags
 RUN pip install --no-cache-dir -c /tmp/constraints-without-torch.txt -e . "psycopg2-binary" \
-    && python -c "import pipeline.train, pipeline.distributed, torch.distributed.run"
+    && python -c "import pipeline.cli, pipeline.training.loop, pipeline.generation.batch, torch.distributed.run" \
+    && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('airflow', 'great_expectations', 'dvc')))"
 
 # Non-root; uid/gid 10001 match runAsUser/fsGroup in infra/k8s/gpu-pod-template.yaml.
 RUN groupadd --gid 10001 diffuse && useradd --uid 10001 --gid 10001 --create-home --shell /bin/bash diffuse \

@@ -1,16 +1,41 @@
-"""`diffuse`: the command line. Heavy libraries are imported inside commands to keep start-up fast."""
+"""`diffuse`: the command line (Typer). Bad input ends with a clear message and exit code 2, never a traceback.
+
+Each command imports the part of the package it runs when it runs: `diffuse --help` starts in a fraction of a
+second instead of importing torch, diffusers and MLflow, and a command whose optional extra is not installed
+(`data validate` and `data remote` need `diffuse-pipeline[data]`) says so instead of breaking the others.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 from pathlib import Path
 
 import typer
+import yaml
+from pydantic import ValidationError
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
+from rich.table import Table
 
+from pipeline.config import (
+    SAMPLING,
+    ContextConfig,
+    CoverageConfig,
+    EvaluationConfig,
+    GenerationConfig,
+    IngestConfig,
+    PromotionConfig,
+    ReportConfig,
+    TrackingConfig,
+    format_validation_error,
+    load_config,
+    load_saved_config,
+    load_section,
+)
 from pipeline.errors import TrainingDiverged, UserError
 
 app = typer.Typer(help="Train, sample and evaluate text-conditioned diffusion models.", no_args_is_help=True,
@@ -19,11 +44,10 @@ data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 err = Console(stderr=True)
 out = Console()
+GENERATION = GenerationConfig()  # sampling defaults of `diffuse sample`, as batch generation and the pyfunc have them
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -47,9 +71,23 @@ def user_errors(fn):
     return wrapper
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    import yaml
+# the packages an optional extra of diffuse-pipeline brings (pyproject.toml)
+EXTRA_PACKAGES = {"data": ("great_expectations", "dvc")}
 
+
+@contextlib.contextmanager
+def needs_extra(extra: str, command: str):
+    """Imports in this block that fail for want of an optional extra's packages become a clear error."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EXTRA_PACKAGES[extra]:
+            raise
+        raise UserError(f"`{command}` needs the `{extra}` extra ({e.name} is not installed): "
+                        f"pip install 'diffuse-pipeline[{extra}]'") from None
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -70,7 +108,7 @@ def data_shapes(
                                  "metadata.jsonl's conditioning_image field"),
 ):
     """Make the procedural coloured-shapes dataset (held-out colour x shape pairs excluded)."""
-    from pipeline import shapes
+    from pipeline.shapes import dataset as shapes
 
     info = shapes.make_dataset(out_dir, num, resolution, seed, doodles=doodles)
     out.print(f"wrote {info['num_images']} images{' and doodles' if doodles else ''} to {out_dir} (held out of "
@@ -90,8 +128,8 @@ def data_doodle(
     import numpy as np
     from PIL import Image
 
-    from pipeline.dataset import to_square  # the way sampling brings an init image to the model's size
-    from pipeline.doodle import doodle_from_image, open_image
+    from pipeline.data.doodle import doodle_from_image, open_image
+    from pipeline.images import to_square
 
     rgb = np.asarray(to_square(open_image(image), resolution), dtype=np.uint8)
     try:
@@ -119,11 +157,8 @@ def data_ingest(
                                  "without one (default from config: ingest.doodles)"),
 ):
     """Decode, check and shard an image-text source into a versioned prepared dataset."""
-    from rich.table import Table
-
-    from pipeline.config import IngestConfig, load_section
-    from pipeline.ingest import ingest
-    from pipeline.prepared import dataset_dir
+    from pipeline.data.ingest import ingest
+    from pipeline.data.prepared import dataset_dir
 
     overrides = {k: v for k, v in {"near_duplicates": near_duplicates, "workers": workers,
                                    "doodles": doodles or None}.items() if v is not None}
@@ -164,7 +199,8 @@ def data_validate(
     resolution: int | None = typer.Option(None, min=8, max=2048, help="expected image side (overrides config)"),
 ):
     """Great Expectations gate: exit 1 when a hard check fails; soft checks only warn."""
-    from pipeline.validate import config_from_file, summary_table, validate_dataset
+    with needs_extra("data", "diffuse data validate"):
+        from pipeline.data.validation import config_from_file, summary_table, validate_dataset
 
     cfg = config_from_file(config)
     if resolution is not None:
@@ -190,7 +226,8 @@ def data_remote(
     repo: Path = typer.Option(Path("."), help="the DVC project (folder with .dvc/)"),
 ):
     """Point DVC at an S3 remote from the environment (.dvc/config.local; credentials stay in the env)."""
-    from pipeline.dvc_remote import configure_remote, credentials_hint
+    with needs_extra("data", "diffuse data remote"):
+        from pipeline.data.versioning import configure_remote, credentials_hint
 
     written = configure_remote(repo, url, endpoint, name)
     where = f" at {written['endpointurl']}" if "endpointurl" in written else ""
@@ -207,8 +244,7 @@ def data_report(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with context/report/coverage sections"),
 ):
     """Diversity and coverage report: vocabulary, concepts, balance, near duplicates, embedding clusters."""
-    from pipeline.config import ContextConfig, CoverageConfig, ReportConfig, load_section
-    from pipeline.report import build_report
+    from pipeline.data.report import build_report
 
     r = build_report(name, load_section(config, "context", ContextConfig), load_section(config, "report", ReportConfig),
                      load_section(config, "coverage", CoverageConfig))
@@ -219,7 +255,7 @@ def data_report(
     for attr, a in r["attributes"].items():
         missing = f"; never mentioned: {', '.join(a['missing'])}" if a["missing"] else ""
         out.print(f"{attr}: balance {a['balance']:.2f}{missing}")
-    from pipeline.prepared import dataset_dir
+    from pipeline.data.prepared import dataset_dir
 
     out.print(f"report: {dataset_dir(name) / 'report' / 'report.html'}")
 
@@ -232,8 +268,7 @@ def data_coverage(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with context/coverage sections"),
 ):
     """How well the data covers each prompt: nearest training captions and a coverage score."""
-    from pipeline.config import ContextConfig, CoverageConfig, load_section
-    from pipeline.report import coverage
+    from pipeline.data.report import coverage
 
     for c in coverage(prompt, name, load_section(config, "context", ContextConfig),
                       load_section(config, "coverage", CoverageConfig)):
@@ -256,25 +291,33 @@ def train(
 ):
     """Train a model; the final model lands in RUN_DIR/model (diffusers format). Logs to MLflow unless
     tracking.enabled is false."""
-    from pipeline.config import load_config
-
     if log_only is not None:
-        from pipeline.mlflow_tracking import log_only as log_run
+        from pipeline.registry.tracking import log_only as log_run
 
-        # tracking settings: --config, else the run's own config.yaml; --set overrides either
-        source = config or log_only / "config.yaml"
-        tc = load_config(source, _parse_overrides(set_)).tracking if source.is_file() else None
+        # tracking settings: the tracking section of --config, else the run's own; --set tracking.KEY overrides
+        overrides = _parse_overrides(set_)
+        if bad := [k for k in overrides if not k.startswith("tracking.")]:
+            raise UserError(f"--log-only logs a finished run: only tracking.* can be --set (not {', '.join(bad)})")
+        tc = load_section(config, "tracking", TrackingConfig) if config else None
+        if tc is None and (log_only / "config.yaml").is_file():
+            tc = load_saved_config(log_only / "config.yaml").tracking
+        if tc is not None and overrides:
+            try:
+                tc = TrackingConfig.model_validate(tc.model_dump() | {k.removeprefix("tracking."): v
+                                                                      for k, v in overrides.items()})
+            except ValidationError as e:
+                raise UserError(format_validation_error(e, "--set").replace("\n  - ", "\n  - tracking.")) from None
         out.print(f"logged {log_only} to MLflow run {log_run(log_only, tc)}")
         return
     if config is None:
         raise UserError("give --config CONFIG.yaml (or --log-only RUN_DIR)")
-    from pipeline.distributed import is_main_process
-    from pipeline.train import train as run_training
+    from pipeline.training.distributed import is_main_process
+    from pipeline.training.loop import train as run_training
 
     cfg = load_config(config, _parse_overrides(set_))
     mlflow_logger = None
     if cfg.tracking.enabled and is_main_process():  # under torchrun only rank 0 logs to MLflow
-        from pipeline.mlflow_tracking import MLflowLogger
+        from pipeline.registry.tracking import MLflowLogger
 
         mlflow_logger = MLflowLogger(cfg, resume=resume)
     try:
@@ -300,21 +343,23 @@ def sample(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="text prompt; repeat for several; '' = unconditional"),
     negative_prompt: str = typer.Option("", help="what to steer away from (replaces the empty prompt in guidance)"),
     init_image: Path | None = typer.Option(None, help="img2img: start from this image"),
-    strength: float = typer.Option(0.6, help="img2img: 0 keeps the init image, 1 ignores it"),
+    strength: float = typer.Option(GENERATION.strength, help="img2img: 0 keeps the init image, 1 ignores it"),
     doodle: Path | None = typer.Option(None, help="a sketch the image follows (models trained with "
                                        "context.image_condition); black lines on white, any size"),
-    image_guidance: float = typer.Option(1.5, help="with --doodle: how strongly the image follows it (1 = plain)"),
-    sampler: str = typer.Option("dpmpp", help="dpmpp | ddim | ddpm"),
-    steps: int = typer.Option(20, help="denoising steps"),
-    guidance: float = typer.Option(4.0, help="classifier-free guidance scale of the text (1 = off)"),
+    image_guidance: float = typer.Option(GENERATION.image_guidance, help="with --doodle: how strongly the image "
+                                         "follows it (1 = plain)"),
+    sampler: str = typer.Option(GENERATION.sampler, help="dpmpp | ddim | ddpm"),
+    steps: int = typer.Option(GENERATION.steps, help="denoising steps"),
+    guidance: float = typer.Option(GENERATION.guidance, help="classifier-free guidance scale of the text (1 = off)"),
     seed: int = typer.Option(0, help="seed of the first image; image k uses seed + k"),
     num: int = typer.Option(8, min=1, max=4096, help="images per prompt"),
     out_dir: Path = typer.Option(Path("samples"), "--out", help="where PNGs and grid.png go"),
 ):
     """Generate images from text (txt2img), from text + an image (img2img) or from text + a doodle."""
-    from pipeline.doodle import load_doodle, open_image
-    from pipeline.model_dir import load_model
-    from pipeline.sample import condition_tensor, generate, grid, image_to_tensor, save_pngs
+    from pipeline.data.doodle import load_doodle, open_image
+    from pipeline.images import condition_tensor, grid, image_to_tensor, save_pngs
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import generate
 
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1 (got {strength})")
@@ -354,13 +399,13 @@ def score_shapes(
     model: Path | None = typer.Option(None, "--model", "-m", help="generate the fixed evaluation set with this model"),
     images: Path | None = typer.Option(None, help="or score a folder of images with metadata.jsonl (prompt/text)"),
     per_pair: int = typer.Option(8, min=1, help="evaluation prompts per colour x shape pair"),
-    sampler: str = typer.Option("dpmpp"),
-    steps: int = typer.Option(20),
-    guidance: float = typer.Option(4.0),
+    sampler: str = typer.Option(SAMPLING.sampler),
+    steps: int = typer.Option(SAMPLING.steps),
+    guidance: float = typer.Option(SAMPLING.guidance),
     out_file: Path | None = typer.Option(None, "--out", help="write the full report as JSON here"),
 ):
     """Prompt adherence of a shapes model (or of images on disk): colour, shape, size, position."""
-    from pipeline.evaluate_shapes import evaluate_images, evaluate_model, print_summary
+    from pipeline.shapes.protocol import evaluate_images, evaluate_model, print_summary
 
     if (model is None) == (images is None):
         raise UserError("give exactly one of --model (generate and score) or --images (score a folder)")
@@ -379,8 +424,6 @@ def score_shapes(
 
 
 def _tracking(config: Path | None, tracking_uri: str | None):
-    from pipeline.config import TrackingConfig, load_section
-
     tc = load_section(config, "tracking", TrackingConfig)
     return tc.model_copy(update={"uri": tracking_uri}) if tracking_uri else tc
 
@@ -400,14 +443,11 @@ def evaluate(
 ):
     """The fixed evaluation protocol: denoising MSE per timestep bucket, shapes adherence, copy rate, FID/KID
     and CLIP score (when their weights exist locally). Logged to the model's MLflow run."""
-    from rich.table import Table
-
-    from pipeline.config import EvaluationConfig, load_section
-    from pipeline.evaluation import evaluate as run_eval
-    from pipeline.evaluation import public_report
-    from pipeline.mlflow_tracking import read_run_file
-    from pipeline.mlflow_tracking import tracking_uri as store_uri
-    from pipeline.model_uri import resolve_model
+    from pipeline.evaluation.protocol import evaluate as run_eval
+    from pipeline.evaluation.protocol import public_report
+    from pipeline.registry.client import read_run_file
+    from pipeline.registry.client import tracking_uri as store_uri
+    from pipeline.registry.model_uri import resolve_model
 
     tc = _tracking(config, tracking_uri)
     ec = load_section(config, "evaluation", EvaluationConfig)
@@ -419,8 +459,8 @@ def evaluate(
         record = read_run_file(resolved.model_dir.parent)
         run_id = record["run_id"] if record and record.get("tracking_uri") == store_uri(tc) else None
     if run_id and not no_log:
-        from pipeline.mlflow_tracking import connect, with_retries
-        from pipeline.registry import log_evaluation
+        from pipeline.registry.client import connect, with_retries
+        from pipeline.registry.versions import log_evaluation
 
         client, _ = connect(tc)
         with_retries(lambda: log_evaluation(client, run_id, report), tc, "log the evaluation")
@@ -449,8 +489,7 @@ def register(
 ):
     """Evaluate RUN_DIR's model and register it as a new version of NAME with alias `challenger` (a run is
     registered once), with evaluation tags and a model card."""
-    from pipeline.config import EvaluationConfig, load_section
-    from pipeline.registry import register as do_register
+    from pipeline.registry.versions import register as do_register
 
     result = do_register(run_dir, name, _tracking(config, tracking_uri),
                          load_section(config, "evaluation", EvaluationConfig))
@@ -471,8 +510,7 @@ def promote(
 ):
     """Move `champion` to the challenger if it passes the bars and beats the champion by the margins; the
     decision and its reasons are recorded as tags on the version. Exit 1 when rejected."""
-    from pipeline.config import EvaluationConfig, PromotionConfig, load_section
-    from pipeline.registry import promote as do_promote
+    from pipeline.registry.versions import promote as do_promote
 
     result = do_promote(name, _tracking(config, tracking_uri), load_section(config, "evaluation", EvaluationConfig),
                         load_section(config, "promotion", PromotionConfig), force=force)
@@ -494,7 +532,7 @@ def rollback(
     tracking_uri: str | None = typer.Option(None, help=_URI_HELP),
 ):
     """Point `champion` back at the previous champion (or at --to VERSION)."""
-    from pipeline.registry import rollback as do_rollback
+    from pipeline.registry.versions import rollback as do_rollback
 
     result = do_rollback(name, _tracking(config, tracking_uri), None if to is None else str(to))
     out.print(f"{name}: champion v{result['from_version']} -> v{result['to_version']}")
@@ -509,8 +547,7 @@ _GEN_CONFIG_HELP = "YAML with generation/coverage/tracking sections (a training 
 
 
 def _open_prompt_store(store: str | None, config: Path | None):
-    from pipeline.config import GenerationConfig, load_section
-    from pipeline.prompt_store import open_store, store_url
+    from pipeline.generation.prompt_store import open_store, store_url
 
     gc = load_section(config, "generation", GenerationConfig)
     return open_store(store_url(gc, store)), gc
@@ -536,7 +573,7 @@ def prompts_add(
     config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
 ):
     """Add one prompt (unset parameters take the generation defaults)."""
-    from pipeline.prompt_store import parse_prompt
+    from pipeline.generation.prompt_store import parse_prompt
 
     st, gc = _open_prompt_store(store, config)
     raw = {"text": text, "negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
@@ -556,7 +593,7 @@ def prompts_import(
     config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
 ):
     """Add every good record of a file; bad records are listed with their line and left out (exit 1 if any)."""
-    from pipeline.prompt_store import import_file
+    from pipeline.generation.prompt_store import import_file
 
     st, gc = _open_prompt_store(store, config)
     result = import_file(st, file, gc)
@@ -580,8 +617,6 @@ def prompts_list(
     config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
 ):
     """Prompts with their parameters and the status of their latest generation run."""
-    from rich.table import Table
-
     st, _ = _open_prompt_store(store, config)
     rows = st.prompts(status=status, limit=limit)
     if as_json:
@@ -623,9 +658,8 @@ def prompts_migrate(
     config: Path | None = typer.Option(None, "--config", "-c", help=_GEN_CONFIG_HELP),
 ):
     """Create or upgrade the store's schema to the newest migration (opening the store does this too)."""
-    from pipeline.config import GenerationConfig, load_section
-    from pipeline.prompt_store import store_url
-    from pipeline.prompt_store.store import _engine, migrate
+    from pipeline.generation.prompt_store import store_url
+    from pipeline.generation.prompt_store.store import _engine, migrate
 
     engine = _engine(store_url(load_section(config, "generation", GenerationConfig), store))
     before, after = migrate(engine)
@@ -649,7 +683,9 @@ def generate(
     """Turn every pending prompt into images with one model version, exactly once: re-running skips what is
     done. Writes ARTIFACT_ROOT/runs/RUN_ID/{manifest.jsonl,summary.json,gallery.html} and logs them to MLflow.
     Exit 0: all done; 1: some prompts failed (listed; the others are done); 2: nothing ran (bad input)."""
-    from pipeline.generation import generate_shard, version_label, write_gallery
+    from pipeline.generation.batch import generate_shard
+    from pipeline.generation.gallery import write_gallery
+    from pipeline.registry.model_uri import version_label
 
     s = generate_shard(model, shard, store_url=store, artifact_root=artifacts, run_id=run_id, limit=limit,
                        config=config, device=device)
@@ -662,7 +698,7 @@ def generate(
     if cov:
         note = f" (not scored: {cov['unavailable']})" if cov.get("unavailable") else ""
         out.print(f"coverage ({cov['policy']}, threshold {cov['threshold']}): {cov['counts']}{note}", highlight=False)
-    from pipeline.artifacts import StorageUnavailable
+    from pipeline.generation.artifacts import StorageUnavailable
 
     gallery_error = None
     try:
@@ -670,7 +706,7 @@ def generate(
         out.print(f"gallery: {g['gallery']}\nmanifest: {g['manifest']}\nMLflow: {g['mlflow']}"
                   + (f" (run {g['mlflow_run_id']})" if g.get("mlflow_run_id") else ""), highlight=False)
     except StorageUnavailable as e:  # the images and their rows are in place; only the run's record is missing
-        gallery_error = f"manifest and gallery not written: {e} (later: pipeline.generation.write_gallery)"
+        gallery_error = f"manifest and gallery not written: {e} (later: pipeline.generation.gallery.write_gallery)"
     for f in s["skipped"]:
         out.print(f"skipped prompt {f['prompt_id']}: {escape(f['reason'])}", highlight=False)
     for f in s["failed"]:

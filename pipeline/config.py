@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,15 @@ from pipeline.errors import UserError
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SamplingConfig(_Strict):
+    """How images are sampled, declared once: the defaults of `diffuse sample`, batch generation (a prompt added
+    without them), the pyfunc and the evaluation protocol."""
+
+    sampler: Literal["dpmpp", "ddim", "ddpm"] = Field("dpmpp", description="DPM-Solver++ (2M), DDIM or DDPM")
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps")
+    guidance: float = Field(4.0, ge=0, le=50, description="classifier-free guidance scale of the text (1 = off)")
 
 
 class DataConfig(_Strict):
@@ -28,6 +38,9 @@ class DataConfig(_Strict):
     prepared_cache: Path = Field(Path(".cache/prepared"), description="where a raw imagefolder is ingested once")
 
 
+SAMPLING = SamplingConfig()  # the defaults, for code that samples without a config file
+
+
 class IngestConfig(_Strict):
     """`diffuse data ingest`: what makes an item unusable, and how the prepared dataset is laid out."""
 
@@ -41,7 +54,7 @@ class IngestConfig(_Strict):
     shard_mb: int = Field(256, ge=1, le=4096, description="largest image shard, MB")
     workers: int | None = Field(None, ge=1, description="decode processes; default: all cores")
     chunk_size: int = Field(2048, ge=1, description="items decoded per batch of work (bounds memory)")
-    doodles: bool = Field(False, description="derive a doodle (pipeline/doodle.py) for every item without a "
+    doodles: bool = Field(False, description="derive a doodle (pipeline/data/doodle.py) for every item without a "
                           "condition image, so any image-text set can train a sketch model")
 
 
@@ -56,7 +69,7 @@ VALIDATION_CHECKS = {
 
 
 class ValidationConfig(_Strict):
-    """The data gate of `diffuse data validate` (pipeline/validate.py): thresholds and hard/soft per check."""
+    """The data gate of `diffuse data validate` (pipeline/data/validation.py): thresholds and hard/soft per check."""
 
     resolution: int | None = Field(None, ge=8, le=2048, description="expected image side; default: data.resolution "
                                    "of the same config file, else only dataset.json and shards must agree")
@@ -113,12 +126,12 @@ class ContextConfig(_Strict):
     clip_path: Path | None = Field(None, description="local directory of a CLIP text model (never downloaded)")
     max_length: int = Field(32, ge=2, le=512, description="tokens kept per caption")
     attach: Literal["cross_attention", "additive", "both"] = Field(
-        "cross_attention",
+        "both",
         description="cross_attention: tokens via attention; additive: pooled embedding added to the "
         "timestep embedding (every block's feature maps); both",
     )
     standardize: bool = Field(True, description="scale context channels to the training captions' spread")
-    whiten: bool = Field(False, description="also give every principal direction of the captions' embeddings the "
+    whiten: bool = Field(True, description="also give every principal direction of the captions' embeddings the "
                          "same spread, so words the encoder barely tells apart (MiniLM: left / right) weigh as much "
                          "as colour or shape; needs standardize")
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability a sample trains unconditionally")
@@ -139,17 +152,16 @@ class ContextConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    block_out_channels: list[int] = Field([64, 128, 128], min_length=1)
+    block_out_channels: list[int] = Field([96, 96, 128], min_length=1)
     layers_per_block: int = Field(1, ge=1, le=4)
     attention_levels: list[bool] = Field(
-        [False, True, True], description="per resolution level: cross-attention block or plain conv block"
+        [False, False, True], description="per resolution level: cross-attention block or plain conv block"
     )
     attention_head_dim: int = Field(8, ge=1)
     norm_num_groups: int = Field(32, ge=1)
     patch_size: int = Field(2, ge=1, le=8, description="pixel-unshuffle factor: the UNet runs at res/patch")
     coord_channels: bool = Field(True, description="add x/y coordinate input channels (helps layout)")
-    coord_frequencies: int = Field(0, ge=0, le=8, description="also sin/cos coordinate features at 1..N octaves")
-    scale_shift: bool = Field(False, description="ResNet blocks take the (time + pooled context) embedding as "
+    scale_shift: bool = Field(True, description="ResNet blocks take the (time + pooled context) embedding as "
                               "scale and shift (FiLM) rather than as a bias")
 
     @model_validator(mode="after")
@@ -167,28 +179,21 @@ class DiffusionConfig(_Strict):
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-    loss_weighting: Literal["none", "min_snr", "clamped_snr"] = Field(
-        "clamped_snr",
-        description="none: plain MSE; min_snr: Min-SNR-gamma; clamped_snr: x0-weight clamp(SNR, 1, gamma), "
-        "Min-SNR's cap on easy low-noise steps without starving the high-noise steps that decide layout",
-    )
-    snr_gamma: float = Field(5.0, gt=0)
-    loss_weight_floor: float = Field(
-        0.0, ge=0, le=1, description="min_snr / clamped_snr: no step weighs less than this share of its plain-MSE "
-        "weight (0: as published; 1: plain MSE). Min-SNR with a floor emphasizes mid noise without starving the "
-        "high-noise steps that hold the layout")
-
-    @model_validator(mode="after")
-    def _check(self):
-        check_loss_weighting("loss_weighting", self.loss_weighting, self.prediction_type)
-        return self
+    loss_weighting: Literal["none", "min_snr"] = Field(
+        "none", description="none: plain MSE of the prediction target (keeps the high-noise steps that decide "
+        "layout at full weight); min_snr: Min-SNR-gamma (Hang et al. 2023)")
+    snr_gamma: float = Field(5.0, gt=0, description="min_snr: gamma")
 
 
-def check_loss_weighting(key: str, weighting: str | None, prediction_type: str) -> None:
-    """clamped_snr is defined for v-prediction only (the config key `key` names the offending setting)."""
-    if weighting == "clamped_snr" and prediction_type != "v_prediction":
-        raise ValueError(f"{key} 'clamped_snr' needs prediction_type 'v_prediction' (with epsilon its weight grows "
-                         "without bound at high noise); use 'min_snr' or 'none'")
+class CycleConfig(_Strict):
+    """One learning-rate cycle of train.cycles (pipeline/training/schedule.py)."""
+
+    steps: int = Field(ge=1)
+    lr_scale: float = Field(1.0, gt=0, le=1, description="peak lr of the cycle, as a fraction of train.lr")
+    warmup_steps: int | None = Field(None, ge=0, description="default: train.warmup_steps")
+    batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+    resolution: int | None = Field(None, ge=4, description="train on the images area-downsampled to this side "
+                                   "(at most data.resolution); default: data.resolution")
 
 
 class TrainConfig(_Strict):
@@ -197,7 +202,11 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
-    max_steps: int = Field(2000, ge=1)
+    max_steps: int = Field(2000, ge=1, description="with cycles: their total (the default)")
+    cycles: list[CycleConfig] = Field(
+        [], description="learning-rate cycles, each a warmup + cosine; every cycle after the first is a warm "
+        "restart with fresh optimizer moments and EMA, and may train at its own batch size and image side. "
+        "Default: one cycle of max_steps")
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     log_every: int = Field(50, ge=1)
@@ -206,69 +215,34 @@ class TrainConfig(_Strict):
     compile: bool = False
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on the CPU too "
-        "(weights, optimizer and loss stay fp32; 1.3-1.4x the img/s on an AVX-512-BF16 CPU, BENCHMARKS.md); fp32: "
-        "no autocast")
+        "(weights, optimizer and loss stay fp32; faster on a CPU with AVX512-BF16 or AMX); fp32: no autocast")
     channels_last: bool | None = Field(None, description="channels_last memory format; default: on CUDA only (on "
                                        "the CPU it made bf16 convolutions slower and fp32 ones no faster)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
                                    "train` output); with context.image_condition a text-only model gets "
                                    "zero-initialised condition channels, so it starts out as it was")
-    restart_at: int | None = Field(None, ge=1, description="warm restart at this step: a second warmup (half of "
-                                   "warmup_steps) + cosine cycle to max_steps at lr * restart_lr_scale, with "
-                                   "fresh optimizer moments and a fresh EMA of the current weights (fine-tuning "
-                                   "the finished first cycle, in one run)")
-    restart_lr_scale: float = Field(0.5, gt=0, le=1, description="peak lr of the second cycle, as a fraction of lr")
-    restart_batch_size: int | None = Field(None, ge=1, description="batch size of the second cycle (default: "
-                                           "batch_size); smaller: more, noisier updates for the same images")
-    restart_loss_weighting: Literal["none", "min_snr", "clamped_snr"] | None = Field(
-        None, description="diffusion.loss_weighting of the second cycle (default: the same)")
-    restart_precision: Literal["auto", "bf16", "fp32"] | None = Field(
-        None, description="precision of the second cycle (default: the same); e.g. bf16 for the first cycle's speed "
-        "and fp32 for the second, where shape is learnt (BENCHMARKS.md, session 9)")
-    first_cycle_resolution: int | None = Field(
-        None, ge=4, description="train the first cycle on the images downsampled (area average) to this side, e.g. 16 "
-        "for 32-px data: 2.3x the img/s of 32 px on a 2-core CPU; the UNet is convolutional, so its weights go on at "
-        "data.resolution in the second cycle (needs restart_at)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_steps_from_cycles(cls, raw):
+        if isinstance(raw, dict) and raw.get("cycles") and raw.get("max_steps") is None:
+            cycles = raw["cycles"]
+            if isinstance(cycles, list) and all(isinstance(c, dict) and isinstance(c.get("steps"), int)
+                                                for c in cycles):
+                raw = {**raw, "max_steps": sum(c["steps"] for c in cycles)}
+        return raw
 
     @model_validator(mode="after")
-    def _restart_inside_run(self) -> TrainConfig:
-        if self.restart_at is not None and self.restart_at >= self.max_steps:
-            raise ValueError(f"restart_at ({self.restart_at}) must be below max_steps ({self.max_steps})")
-        for key in ("restart_batch_size", "restart_loss_weighting", "restart_precision"):
-            if getattr(self, key) is not None and self.restart_at is None:
-                raise ValueError(f"{key} applies to the second cycle: set restart_at too")
-        if self.first_cycle_resolution is not None and self.restart_at is None:
-            raise ValueError("first_cycle_resolution applies to the first cycle: set restart_at, where it ends")
+    def _cycles_add_up(self) -> TrainConfig:
+        if self.cycles and sum(c.steps for c in self.cycles) != self.max_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is not the total of the cycles' steps "
+                             f"({' + '.join(str(c.steps) for c in self.cycles)}); leave max_steps out to use it")
         return self
-
-    def in_second_cycle(self, step: int) -> bool:
-        return self.restart_at is not None and step >= self.restart_at
-
-    def at(self, step: int, value, restart_value):
-        """`restart_value` (a restart_* setting) in the second cycle where it is set, else `value`."""
-        return restart_value if self.in_second_cycle(step) and restart_value is not None else value
-
-    def batch_size_at(self, step: int) -> int:
-        """The (global, per micro-batch) batch size of step `step` (0-based)."""
-        return self.at(step, self.batch_size, self.restart_batch_size)
-
-    def resolution_at(self, step: int, data_resolution: int) -> int:
-        """The image side step `step` trains at: first_cycle_resolution before the restart, where it is set."""
-        return self.at(step, self.first_cycle_resolution or data_resolution, data_resolution)
-
-    def resolution_after(self, steps_done: int, data_resolution: int) -> int:
-        """The side the weights after `steps_done` steps last trained at: a checkpoint's or a sample grid's."""
-        return self.resolution_at(steps_done - 1, data_resolution)
-
-    def samples_before(self, step: int) -> int:
-        """Position in the training stream where step `step` starts: the samples of all steps before it."""
-        first = min(step, self.restart_at or step)
-        return (first * self.batch_size + (step - first) * self.batch_size_at(step)) * self.grad_accum
 
 
 class TrackingConfig(_Strict):
-    """MLflow tracking of `diffuse train` (pipeline/mlflow_tracking.py)."""
+    """MLflow tracking of `diffuse train` (pipeline/registry/tracking.py)."""
 
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else "
@@ -287,8 +261,9 @@ class TrackingConfig(_Strict):
     timeout_seconds: float = Field(10.0, gt=0, description="per HTTP request to a tracking server")
 
 
-class EvaluationConfig(_Strict):
-    """The fixed evaluation protocol of `diffuse evaluate` / `diffuse promote` (pipeline/evaluation.py)."""
+class EvaluationConfig(SamplingConfig):
+    """The fixed evaluation protocol of `diffuse evaluate` / `diffuse promote` (pipeline/evaluation/protocol.py);
+    its images are sampled with the sampler, steps and guidance of SamplingConfig unless set here."""
 
     data: Path | None = Field(None, description="dataset with the held-out items and the training images for "
                               "the copy rate; default: the model's training data")
@@ -302,9 +277,6 @@ class EvaluationConfig(_Strict):
     shapes_per_pair: int = Field(4, ge=1, description="shapes prompt set: prompts per colour x shape pair")
     shapes_scorer: Literal["auto", "on", "off"] = Field("auto", description="auto: when the data is shapes data")
     seed: int = Field(0, description="image k of the prompt set uses seed + k")
-    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(4.0, ge=0, le=50)
     copy_threshold: float = Field(0.02, ge=0, description="a generated image is a copy when its RMS pixel "
                                   "distance (0..1 scale, at copy_resolution) to a training image is below this")
     copy_resolution: int = Field(16, ge=4, le=128)
@@ -342,9 +314,10 @@ class PromotionConfig(_Strict):
         return self
 
 
-class GenerationConfig(_Strict):
-    """Batch generation from the prompt store (`diffuse prompts ...`, `diffuse generate`; pipeline/generation.py).
-    The sampler/steps/guidance/... values are the defaults a prompt gets when it is added without them."""
+class GenerationConfig(SamplingConfig):
+    """Batch generation from the prompt store (`diffuse prompts ...`, `diffuse generate`;
+    pipeline/generation/batch.py). The sampler/steps/guidance/strength/image_guidance values are the defaults a
+    prompt gets when it is added without them, and those of `diffuse sample` and the pyfunc."""
 
     store_url: str | None = Field(None, description="prompt store, a SQLAlchemy URL (sqlite:///FILE or "
                                   "postgresql://USER@HOST/DB); default: $DIFFUSE_PROMPT_STORE, else "
@@ -357,9 +330,6 @@ class GenerationConfig(_Strict):
         "flag them; skip = do not generate them")
     retries: int = Field(3, ge=0, le=20, description="tries after the first when the artifact store fails")
     backoff_seconds: float = Field(0.5, ge=0, description="wait before retry k: backoff_seconds * 2^k")
-    sampler: Literal["dpmpp", "ddim", "ddpm"] = "dpmpp"
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(4.0, ge=0, le=50)
     strength: float = Field(0.6, ge=0, le=1, description="img2img: 0 keeps the init image, 1 ignores it")
     image_guidance: float = Field(1.5, ge=0, le=50, description="prompts with a doodle: how strongly the image "
                                   "follows it (1 = plain conditioning, higher = closer to the doodle)")
@@ -393,32 +363,48 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check(self):
         levels = len(self.model.block_out_channels)
-        for key, res in (("data.resolution", self.data.resolution),
-                         ("train.first_cycle_resolution", self.train.first_cycle_resolution)):
-            if res is not None and res % (self.model.patch_size * 2 ** (levels - 1)):
+        step = self.model.patch_size * 2 ** (levels - 1)
+        sides = [("data.resolution", self.data.resolution)] + [
+            (f"train.cycles[{i}].resolution", c.resolution) for i, c in enumerate(self.train.cycles) if c.resolution]
+        for key, res in sides:
+            if res % step:
                 raise ValueError(f"{key} {res} must be divisible by model.patch_size ({self.model.patch_size}) x "
                                  f"2^(levels-1) ({2 ** (levels - 1)})")
-        if (self.train.first_cycle_resolution or 0) >= self.data.resolution:
-            raise ValueError(f"train.first_cycle_resolution ({self.train.first_cycle_resolution}) must be below "
-                             f"data.resolution ({self.data.resolution}): it is the cheaper first cycle's image side")
+            if res > self.data.resolution:
+                raise ValueError(f"{key} ({res}) is above data.resolution ({self.data.resolution}): a cycle trains on "
+                                 "the images downsampled, never upsampled")
         if self.context.encoder == "category" and self.data.label_column is None:
             raise ValueError("encoder 'category' needs data.label_column (the class label column)")
-        check_loss_weighting("train.restart_loss_weighting", self.train.restart_loss_weighting,
-                             self.diffusion.prediction_type)
         return self
+
+
+# Keys earlier versions had: what a config file that still sets one should do instead.
+RETIRED = {
+    ("train", "restart_at"): "use train.cycles: a list of cycles, each {steps, lr_scale, warmup_steps, batch_size, "
+                             "resolution} (see configs/shapes.yaml)",
+    ("train", "restart_lr_scale"): "use train.cycles[k].lr_scale",
+    ("train", "restart_batch_size"): "use train.cycles[k].batch_size",
+    ("train", "first_cycle_resolution"): "use train.cycles[0].resolution",
+    ("train", "restart_loss_weighting"): "retired (it measured no gain); remove it",
+    ("train", "restart_precision"): "retired (it measured no gain); remove it",
+    ("diffusion", "loss_weight_floor"): "retired (it measured no gain); remove it",
+    ("model", "coord_frequencies"): "retired (it measured no gain); remove it",
+}
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key (check the spelling; see configs/shapes.yaml)" if e["type"] == "extra_forbidden" \
-            else e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = RETIRED.get(tuple(e["loc"][-2:]), "unknown key (check the spelling; see configs/shapes.yaml)")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -433,7 +419,7 @@ def _read_yaml(path: Path) -> dict:
 
 def load_section(path: Path | None, section: str, model: type[BaseModel]):
     """One section of a config file (e.g. `validation` for `diffuse data validate`); defaults without a file."""
-    raw = _read_yaml(path).get(section) if path is not None else None
+    raw = read_yaml(path).get(section) if path is not None else None
     try:
         return model.model_validate(raw or {})
     except ValidationError as e:
@@ -441,15 +427,125 @@ def load_section(path: Path | None, section: str, model: type[BaseModel]):
         raise UserError(err.replace("\n  - ", f"\n  - {section}.")) from None
 
 
-def load_config(path: Path, overrides: dict | None = None) -> Config:
-    raw = _read_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
+def _set(raw: dict, dotted: str, value) -> None:
+    """raw[a][b][c] = value for "a.b.c"; a number indexes a list (train.cycles.1.steps)."""
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if isinstance(node, list):
+            try:
+                node = node[int(p)]
+            except (ValueError, IndexError):
+                raise UserError(f"--set {dotted}: {p!r} is not an index of that list (0..{len(node) - 1})") from None
+        else:
             node = node.setdefault(p, {})
+    if isinstance(node, list):
+        try:
+            node[int(leaf)] = value
+        except (ValueError, IndexError):
+            raise UserError(f"--set {dotted}: {leaf!r} is not an index of that list (0..{len(node) - 1})") from None
+    elif isinstance(node, dict):
         node[leaf] = value
+    else:
+        raise UserError(f"--set {dotted}: {'.'.join(parents)} is a value, not a section")
+
+
+def _validate(raw: dict, source: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(path))) from None
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def load_config(path: Path, overrides: dict | None = None) -> Config:
+    """A config file (with --set KEY=VALUE overrides), validated: every mistake is named with its key."""
+    raw = read_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        _set(raw, dotted, value)
+    return _validate(raw, str(path))
+
+
+def load_saved_config(path: Path) -> Config:
+    """The config a training run saved (RUN_DIR/config.yaml, MODEL/train_config.yaml). A run written before
+    train.cycles had restart_* keys: they are read as the cycles they meant."""
+    raw = read_yaml(path)
+    train, model, diffusion = (raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("train", "model",
+                                                                                          "diffusion"))
+    restart = train.pop("restart_at", None)
+    scale, batch = train.pop("restart_lr_scale", 0.5), train.pop("restart_batch_size", None)
+    side = train.pop("first_cycle_resolution", None)
+    for key, neutral in (("restart_loss_weighting", None), ("restart_precision", None)):
+        if train.get(key, neutral) == neutral:
+            train.pop(key, None)
+    if diffusion.get("loss_weight_floor", 0.0) == 0.0:
+        diffusion.pop("loss_weight_floor", None)
+    if model.get("coord_frequencies", 0) == 0:
+        model.pop("coord_frequencies", None)
+    if restart is not None and isinstance(train.get("max_steps"), int):
+        warmup = train.get("warmup_steps", TrainConfig().warmup_steps)
+        train["cycles"] = [{"steps": restart, "resolution": side},
+                           {"steps": train["max_steps"] - restart, "lr_scale": scale, "batch_size": batch,
+                            "warmup_steps": warmup // 2}]
+    return _validate(raw, f"{path} (the configuration the run was trained with)")
+
+
+class RunnerConfig(_Strict):
+    """Where the `retrain` DAG runs its training job (pipeline/orchestration/runners.py): `local` (a subprocess,
+    the embedded default), `docker` or `kubernetes`. Read from DIFFUSE_RUNNER_* environment variables (lists
+    comma-separated), so the DAG file chooses its operator at parse time without touching Airflow's database."""
+
+    kind: Literal["local", "docker", "kubernetes"] = "local"
+    image: str = Field("diffuse-pipeline:latest", description="image built from docker/pipeline.Dockerfile")
+    gpus: int = Field(1, ge=0, description="GPUs per training job (0: CPU)")
+    workspace: str = Field("/workspace", description="where the job sees the shared workspace (data, runs)")
+    volume: str | None = Field(None, description="docker: host folder mounted at `workspace`; kubernetes: a "
+                                                  "PersistentVolumeClaim name")
+    namespace: str = "diffuse"
+    pod_template: Path = Field(Path("infra/k8s/gpu-pod-template.yaml"), description="relative: to the project "
+                               "folder")
+    docker_url: str = "unix://var/run/docker.sock"
+    network: str | None = Field(None, description="docker: the network the training container joins (e.g. the "
+                                "compose stack's `diffuse`), so it reaches MLflow by service name")
+    timeout_hours: float = Field(12, gt=0, description="a training job running longer is stopped")
+    pass_env: list[str] = Field(["MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                                 "MLFLOW_S3_ENDPOINT_URL"], description="environment passed into the job")
+
+
+class DagConfig(_Strict):
+    """What the DAGs in dags/ work on, from DIFFUSE_* environment variables (read when a DAG file is parsed)."""
+
+    workspace: Path | None = Field(None, description="the folder the pipelines read and write (data/, runs/, the "
+                                   "DVC project, the default MLflow and prompt stores); default: the project folder")
+    config: str = Field("configs/shapes.yaml", description="the config file every step reads; relative: to the "
+                        "project folder")
+    model_name: str = Field("shapes", min_length=1, description="registered model name")
+    dataset_name: str = Field("shapes", min_length=1, description="prepared dataset name (data/prepared/NAME)")
+    source: str = Field("data/shapes", min_length=1, description="what dataset_update ingests by default")
+    generate_shards: int = Field(2, ge=1, description="parallel generate tasks of batch_generate")
+
+
+def from_environment(model: type[BaseModel], prefix: str, env: dict[str, str] | None = None,
+                     exclusive: bool = False):
+    """Settings from PREFIX + FIELD (upper case) environment variables, validated like a config file section.
+    `exclusive`: every variable under PREFIX must be one of the fields (a misspelt one is an error)."""
+    env = os.environ if env is None else env
+    fields = model.model_fields
+    raw: dict = {}
+    for key, value in env.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):].lower()
+        if name not in fields and not exclusive:
+            continue
+        is_list = name in fields and "list" in str(fields[name].annotation)
+        raw[name] = [v for v in value.split(",") if v] if is_list else value
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"environment ({prefix}* variables): invalid settings"]
+        for problem in e.errors():
+            name = prefix + "_".join(str(p) for p in problem["loc"][:1]).upper()
+            msg = "unknown variable (check the spelling)" if problem["type"] == "extra_forbidden" else \
+                problem["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {name}: {msg}")
+        raise UserError("\n".join(lines)) from None

@@ -60,7 +60,7 @@ def run_config(tmp: Path, data: Path, store_root: Path | None = None, **sections
 def train_run(tmp: Path, data: Path, **train) -> Path:
     """Train a tiny model without tracking; returns its run directory."""
     from pipeline.config import Config
-    from pipeline.train import train as run_training
+    from pipeline.training.loop import train as run_training
 
     cfg = Config.model_validate(run_config(tmp, data, train=train))
     run_training(cfg, progress=False)

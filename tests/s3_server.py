@@ -87,10 +87,10 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture
 def monkeypatch_s3_env(s3_server, monkeypatch):
-    from pipeline import s3
+    from pipeline import storage
 
     for k, v in s3_env(s3_server).items():
         monkeypatch.setenv(k, v)
-    s3._client.cache_clear()
+    storage._s3.cache_clear()
     yield s3_server
-    s3._client.cache_clear()
+    storage._s3.cache_clear()

@@ -11,10 +11,10 @@ from conftest import invoke, tiny_config
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.model_dir import load_model, save_model
-from pipeline.network import denoise, extend_condition_channels
-from pipeline.objective import cfg_dropout, image_dropout
-from pipeline.sample import encode_prompts, generate
+from pipeline.model.folder import load_model, save_model
+from pipeline.model.network import denoise, extend_condition_channels
+from pipeline.model.sampling import encode_prompts, generate
+from pipeline.training.objective import cfg_dropout, image_dropout
 
 PROMPT = "a small red circle in the center on a white background"
 
@@ -123,7 +123,7 @@ def test_sample_cli_follows_a_doodle_file(doodle_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def doodle_data(tmp_path_factory):
-    from pipeline import shapes
+    from pipeline.shapes import dataset as shapes
 
     out = tmp_path_factory.mktemp("doodle_shapes") / "data"
     shapes.make_dataset(out, 48, resolution=16, seed=0, doodles=True)
@@ -131,7 +131,7 @@ def doodle_data(tmp_path_factory):
 
 
 def test_training_extends_a_text_only_checkpoint_with_the_doodle(trained_tiny, doodle_data, tmp_path):
-    from pipeline.train import train
+    from pipeline.training.loop import train
 
     text_model = load_model(trained_tiny)
     raw = tiny_config(tmp_path, doodle_data, data={"condition_column": "conditioning_image"},
@@ -147,7 +147,7 @@ def test_training_extends_a_text_only_checkpoint_with_the_doodle(trained_tiny, d
 
 def test_init_from_a_different_architecture_or_data_without_conditions_is_a_clear_error(
         trained_tiny, doodle_data, shapes_data, tmp_path):
-    from pipeline.train import train
+    from pipeline.training.loop import train
 
     wider = tiny_config(tmp_path / "a", doodle_data, data={"condition_column": "conditioning_image"},
                         context={"image_condition": True}, model={"block_out_channels": [32, 64]},
@@ -162,7 +162,7 @@ def test_init_from_a_different_architecture_or_data_without_conditions_is_a_clea
 
 
 def test_doodle_evaluation_scores_outline_overlap_against_its_ceiling(doodle_model):
-    from pipeline.evaluate_shapes import evaluate_doodles
+    from pipeline.shapes.protocol import evaluate_doodles
 
     with_doodle = evaluate_doodles(doodle_model, per_pair=1, steps=2)
     s = with_doodle["summary"]

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.cuda,
 def test_bf16_training_on_cuda_learns(tmp_path, shapes_data):
     import json
 
-    from pipeline.train import train
+    from pipeline.training.loop import train
 
     raw = tiny_config(tmp_path, shapes_data, train={"max_steps": 60, "log_every": 10})
     model_dir = train(Config.model_validate(raw), progress=False)
@@ -25,8 +25,8 @@ def test_bf16_training_on_cuda_learns(tmp_path, shapes_data):
 
 
 def test_bf16_sampling_matches_fp32(trained_tiny):
-    from pipeline.model_dir import load_model
-    from pipeline.sample import generate
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import generate
 
     model = load_model(trained_tiny, device="cuda")
     prompt = ["a large red circle in the center on a white background"] * 4

@@ -86,7 +86,7 @@ def test_dagbag_imports_without_touching_the_database(tmp_path):
     code = ("from airflow.models.dagbag import DagBag; b = DagBag(); "
             "print(sorted(b.dag_ids)); print(b.import_errors)")
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),  # Airflow puts this folder on sys.path (for dags/common.py)
+           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/no/such/dir/airflow.db"}
     for kind in ("local", "docker", "kubernetes"):
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -103,7 +103,7 @@ def dataset_run(airflow):
 
 
 def test_dataset_update_ingests_validates_versions_and_emits_the_asset(airflow, dataset_run):
-    from pipeline import s3
+    from pipeline import storage
 
     assert states(dataset_run) == {"ingest": "success", "validate": "success", "version": "success"}
     ws = airflow["ws"]
@@ -111,9 +111,9 @@ def test_dataset_update_ingests_validates_versions_and_emits_the_asset(airflow, 
     assert events and events[-1]["version"] == __import__("json").loads(
         (ws / "data/prepared/tiny/dataset.json").read_text())["version"]
     assert (ws / "data/prepared/tiny.dvc").is_file()
-    s3._client.cache_clear()
-    assert s3.list_keys("s3://test-bucket/dvc/")  # pushed to the S3 remote
-    s3._client.cache_clear()
+    storage._s3.cache_clear()
+    assert storage.list_files("s3://test-bucket/dvc/")  # pushed to the S3 remote
+    storage._s3.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_a_dataset_failing_validation_stops_retrain_before_training(airflow, fir
 
 def add_prompts(airflow, texts: list[str]) -> list[int]:
     from pipeline.config import GenerationConfig
-    from pipeline.prompt_store import open_store, parse_prompt
+    from pipeline.generation.prompt_store import open_store, parse_prompt
 
     gc = GenerationConfig(steps=4)
     store = open_store(f"sqlite:///{airflow['ws'] / 'prompts.db'}")
@@ -168,7 +168,7 @@ def add_prompts(airflow, texts: list[str]) -> list[int]:
 
 
 def outputs(airflow) -> list[tuple[int, str, int]]:
-    from pipeline.prompt_store import open_store
+    from pipeline.generation.prompt_store import open_store
 
     store = open_store(f"sqlite:///{airflow['ws'] / 'prompts.db'}")
     try:
@@ -205,9 +205,10 @@ def test_a_second_batch_generate_generates_nothing_new(airflow, generated):
 def test_a_failing_shard_retries_without_redoing_the_others(airflow, generated, monkeypatch):
     """One shard's first try dies (an injected crash inside the real task); Airflow retries that map index only,
     and every prompt ends with exactly one image."""
-    import pipeline.generation as generation
+    import pipeline.generation.batch as generation
+    import pipeline.orchestration.tasks as tasks
 
-    real = generation.generate_shard
+    real = tasks.generate_shard
     calls: list[str] = []
 
     def crash_once(model_uri, shard, **kw):
@@ -216,7 +217,7 @@ def test_a_failing_shard_retries_without_redoing_the_others(airflow, generated, 
             raise ConnectionError("worker lost (injected)")
         return real(model_uri, shard, **kw)
 
-    monkeypatch.setattr(generation, "generate_shard", crash_once)
+    monkeypatch.setattr(tasks, "generate_shard", crash_once)  # what the generate task calls
     ids = add_prompts(airflow, [f"a small yellow square, picture {i}" for i in range(6)])
     assert {generation.shard_of(pid, 2) for pid in ids} == {0, 1}  # both shards have work
     dr = airflow["batch_generate"].test(run_conf={"shards": 2})
@@ -231,7 +232,12 @@ def test_docker_and_kubernetes_runners_render_gpu_jobs(monkeypatch):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.providers.docker.operators.docker import DockerOperator
 
-    from pipeline.runners import RunnerConfig, docker_operator_kwargs, kubernetes_operator_kwargs, runner_config
+    from pipeline.orchestration.runners import (
+        RunnerConfig,
+        docker_operator_kwargs,
+        kubernetes_operator_kwargs,
+        runner_config,
+    )
 
     for name in RunnerConfig().pass_env:  # only what this test sets (other tests' S3 settings may be in os.environ)
         monkeypatch.delenv(name, raising=False)
@@ -241,9 +247,9 @@ def test_docker_and_kubernetes_runners_render_gpu_jobs(monkeypatch):
     op = DockerOperator(task_id="train", **docker_operator_kwargs(rc, "cfg.yaml", "data/prepared/x", "runs/r1"))
     assert op.image == "reg/diffuse:1.0"
     assert op.device_requests[0]["Count"] == 2 and op.device_requests[0]["Capabilities"] == [["gpu"]]
-    # 2 GPUs: torchrun starts one DDP process per GPU (pipeline/distributed.py)
+    # 2 GPUs: torchrun starts one DDP process per GPU (pipeline/training/distributed.py)
     assert op.command[:6] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert op.command[6:8] == ["-m", "pipeline.train"] and "data.path=data/prepared/x" in op.command
+    assert op.command[6:9] == ["-m", "pipeline.cli", "train"] and "data.path=data/prepared/x" in op.command
     assert op.mounts[0]["Target"] == "/workspace" and op.mounts[0]["Source"] == "/srv/diffuse"
     assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
 
@@ -252,7 +258,7 @@ def test_docker_and_kubernetes_runners_render_gpu_jobs(monkeypatch):
     pod = op.build_pod_request_obj(dry_run=True)  # no cluster here: render only
     container = pod.spec.containers[0]
     assert container.resources.limits == {"nvidia.com/gpu": "1"}
-    assert container.command == ["python"] and container.args[:2] == ["-m", "pipeline.train"]
+    assert container.command == ["python"] and container.args[:3] == ["-m", "pipeline.cli", "train"]
     assert pod.metadata.namespace == "diffuse"
     tolerations = [t.key for t in pod.spec.tolerations or []]
     assert "nvidia.com/gpu" in tolerations  # from the pod template in infra/
@@ -263,9 +269,18 @@ def test_docker_and_kubernetes_runners_render_gpu_jobs(monkeypatch):
 
 def test_runner_settings_errors_are_clear():
     from pipeline.errors import UserError
-    from pipeline.runners import runner_config
+    from pipeline.orchestration.runners import runner_config
 
-    with pytest.raises(UserError, match="DIFFUSE_RUNNER_.*kind|kind"):
+    with pytest.raises(UserError, match=r"DIFFUSE_RUNNER_KIND: Input should be 'local', 'docker' or 'kubernetes'"):
         runner_config({"DIFFUSE_RUNNER_KIND": "slurm"})
-    with pytest.raises(UserError, match="gpus"):
+    with pytest.raises(UserError, match=r"DIFFUSE_RUNNER_GPUS: Input should be a valid integer"):
         runner_config({"DIFFUSE_RUNNER_GPUS": "many"})
+    with pytest.raises(UserError, match=r"DIFFUSE_RUNNER_GPU: unknown variable"):  # a misspelt name is an error
+        runner_config({"DIFFUSE_RUNNER_GPU": "2"})
+    assert runner_config({"DIFFUSE_RUNNER_PASS_ENV": "A,B", "DIFFUSE_RUNNER_GPUS": "2"}).pass_env == ["A", "B"]
+    from pipeline.config import DagConfig, from_environment
+
+    with pytest.raises(UserError, match=r"DIFFUSE_GENERATE_SHARDS: Input should be greater than or equal to 1"):
+        from_environment(DagConfig, "DIFFUSE_", {"DIFFUSE_GENERATE_SHARDS": "0"})
+    assert from_environment(DagConfig, "DIFFUSE_", {"DIFFUSE_MODEL_NAME": "m", "DIFFUSE_PROMPT_STORE": "x"}) \
+        .model_name == "m"  # other DIFFUSE_* variables are not the DAGs' settings

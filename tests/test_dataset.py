@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.dataset import batch_indices, batch_loader, open_training_data, random_flip
+from pipeline.data.loader import open_training_data
 from pipeline.errors import UserError
+from pipeline.training.batches import batch_indices, batch_loader, random_flip
 
 
 @pytest.fixture(scope="module")

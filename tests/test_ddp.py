@@ -1,4 +1,4 @@
-"""Data-parallel training (pipeline/distributed.py) on CPU: 2 gloo ranks started by torchrun.
+"""Data-parallel training (pipeline/training/distributed.py) on CPU: 2 gloo ranks started by torchrun.
 
 With the same global batch, 2 ranks compute what 1 process computes (each rank takes its half of every
 global batch and all random draws cover the global batch); only the summation order of the gradient
@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import checkpoint_dirs
 from pipeline.errors import UserError
+from pipeline.training.checkpoints import checkpoint_dirs
 from tests.conftest import ROOT, tiny_config, write_config
 
 # grad_accum 2 covers DDP's no_sync path; batch 8 / 2 ranks = 4 samples per rank per micro-batch;
@@ -51,10 +51,11 @@ def _run(cmd: list[str]) -> None:
 
 def _train(config: Path, *args: str, nproc: int = 1) -> None:
     if nproc == 1:  # the plain single-process path: no torchrun, no torch.distributed
-        _run([sys.executable, "-m", "pipeline.train", "--config", str(config), *args])
+        _run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), *args])
         return
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-addr",
-          "127.0.0.1", "--master-port", str(_free_port()), "-m", "pipeline.train", "--config", str(config), *args])
+          "127.0.0.1", "--master-port", str(_free_port()), "-m", "pipeline.cli", "train", "--config", str(config),
+          *args])
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -117,8 +118,8 @@ def test_two_ranks_resume_a_one_process_checkpoint(one_process, shapes_data):
 
 def test_rank_slices_rebuild_the_global_batch():
     """The ranks' rows of a global batch, in rank order, are that batch: nothing read twice or skipped."""
-    from pipeline.dataset import batch_indices
-    from pipeline.distributed import Part
+    from pipeline.training.batches import batch_indices
+    from pipeline.training.distributed import Part
 
     batch = batch_indices(50, 0, 40, 12)  # crosses an epoch boundary
     for world in (1, 2, 3, 4):
@@ -127,11 +128,11 @@ def test_rank_slices_rebuild_the_global_batch():
 
 
 def test_batch_not_divisible_by_world_size_is_a_clear_error(monkeypatch):
-    from pipeline.distributed import setup
+    from pipeline.training.distributed import setup
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match=r"train.batch_size \(8\) must be divisible by the number of processes \(3\)"):
         setup({"train.batch_size": 8})
-    with pytest.raises(UserError, match=r"train.restart_batch_size \(4\) must be divisible"):
-        setup({"train.batch_size": 6, "train.restart_batch_size": 4})
+    with pytest.raises(UserError, match=r"train.cycles\[1\].batch_size \(4\) must be divisible"):
+        setup({"train.batch_size": 6, "train.cycles[1].batch_size": 4})

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from pipeline import shapes
-from pipeline.doodle import doodle_from_image, edge_map, filled_mask, ink, iou, load_doodle
+from pipeline.data.doodle import doodle_from_image, edge_map, filled_mask, ink, iou, load_doodle
+from pipeline.shapes import dataset as shapes
+from pipeline.shapes import scorer
 
 CASES = [shapes.ShapeSpec(colour, shape, size, position, background)
          for shape in shapes.SHAPES
@@ -27,7 +28,7 @@ def outline_distance(mask: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.shape}-{s.position}")
 def test_doodle_traces_the_shape_outline(spec):
     image = shapes.render(spec, 64, (0.02, -0.02))
-    obj = shapes.object_mask(image)
+    obj = scorer.object_mask(image)
     doodle = doodle_from_image(np.asarray(image), seed=5)
     assert doodle.shape == (64, 64, 3) and doodle.dtype == np.uint8
     assert set(np.unique(doodle)) == {0, 255}  # black lines on white paper
@@ -43,7 +44,7 @@ def test_doodle_traces_the_shape_outline(spec):
 def test_doodle_outline_at_the_training_resolution():
     for spec in CASES:
         image = shapes.render(spec, 32)
-        assert iou(filled_mask(doodle_from_image(np.asarray(image), seed=0)), shapes.object_mask(image)) > 0.6, spec
+        assert iou(filled_mask(doodle_from_image(np.asarray(image), seed=0)), scorer.object_mask(image)) > 0.6, spec
 
 
 def test_doodle_is_deterministic_per_seed_and_jitter_moves_lines():

@@ -35,7 +35,7 @@ def served(model_dir):
     """model_dir logged as a pyfunc in a new MLflow run, then loaded the way `mlflow models serve` loads it."""
     import mlflow
 
-    from pipeline.registry import log_pyfunc
+    from pipeline.registry.pyfunc import log_pyfunc
 
     with mlflow.start_run() as run:
         pass
@@ -92,7 +92,7 @@ def test_pyfunc_of_a_text_only_model_refuses_only_doodle_rows(trained_tiny, mlfl
 
 
 def test_signature_lists_the_doodle_columns():
-    from pipeline.pyfunc_model import DEFAULTS, INPUT_COLUMNS, signature
+    from pipeline.registry.pyfunc import DEFAULTS, INPUT_COLUMNS, signature
 
     inputs = {c.name: (c.type.name, c.required) for c in signature().inputs.inputs}
     assert inputs["condition_image"] == ("string", False) and inputs["image_guidance"] == ("double", False)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.encoders import CategoryEncoder, EmbeddingCache, MiniLMEncoder, build_encoder
 from pipeline.errors import UserError
+from pipeline.model.encoders import CategoryEncoder, EmbeddingCache, MiniLMEncoder, build_encoder
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,9 @@ def test_category_encoder_maps_labels_and_null():
 
 
 def test_standardized_context_has_unit_spread_and_is_saved_with_the_model(minilm, trained_tiny):
-    from pipeline.encoders import context_stats, standardize
-    from pipeline.model_dir import load_model
-    from pipeline.sample import encode_prompts
+    from pipeline.model.encoders import context_stats, standardize
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import encode_prompts
 
     captions = ["", "a red circle on the left", "a red circle on the right", "a blue square at the top",
                 "a green triangle at the bottom"]
@@ -103,8 +103,8 @@ def test_standardized_context_has_unit_spread_and_is_saved_with_the_model(minilm
 
 
 def test_whitening_gives_every_direction_of_the_captions_the_same_spread(minilm):
-    from pipeline import shapes
-    from pipeline.encoders import context_stats, standardize
+    from pipeline.model.encoders import context_stats, standardize
+    from pipeline.shapes import dataset as shapes
 
     captions = [""] + sorted({shapes.caption(s, k) for s in shapes.all_specs()[::7] for k in range(2)})
     table = minilm.encode(captions)
@@ -142,9 +142,9 @@ def test_a_whitened_model_keeps_its_whitening_for_sampling(tmp_path, shapes_data
     from conftest import tiny_config
 
     from pipeline.config import Config
-    from pipeline.model_dir import load_model
-    from pipeline.sample import generate
-    from pipeline.train import train
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import generate
+    from pipeline.training.loop import train
 
     raw = tiny_config(tmp_path, shapes_data, context={"whiten": True}, train={"max_steps": 2})
     model = load_model(train(Config.model_validate(raw), progress=False))

@@ -36,9 +36,9 @@ def _count(url: str) -> int:
 def test_sigkill_mid_run_then_resume(trained_tiny, tmp_path):
     import torch
 
-    from pipeline.generation import generate_shard
-    from pipeline.model_dir import load_model
-    from pipeline.sample import generate
+    from pipeline.generation.batch import generate_shard
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import generate
 
     cfg = gen_config(tmp_path, batch_size=1)  # one image per batch: many points to die at
     url = yaml.safe_load(cfg.read_text())["generation"]["store_url"]

@@ -1,7 +1,7 @@
 """docker/ and infra/ checked without a Docker engine or a cluster: hadolint on the Dockerfiles, the compose file
 through `docker-compose config` when that tool exists and through its own structural checks always, checkov
 (offline) on Terraform, Kubernetes manifests and Dockerfiles, and the runner settings the compose stack and the
-Helm values hand to pipeline/runners.py."""
+Helm values hand to pipeline/orchestration/runners.py."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_compose_secrets_all_come_from_the_env_file():
 
 def test_compose_runner_settings_are_valid_for_the_docker_runner():
     """The DIFFUSE_RUNNER_* environment of the scheduler renders a GPU DockerOperator job on the stack's network."""
-    from pipeline.runners import docker_operator_kwargs, runner_config
+    from pipeline.orchestration.runners import docker_operator_kwargs, runner_config
 
     services = _compose()["services"]
     env = {k: str(v) for k, v in services["airflow-scheduler"]["environment"].items()}
@@ -203,7 +203,7 @@ def test_compose_runner_settings_are_valid_for_the_docker_runner():
 
 
 def test_helm_values_configure_the_kubernetes_runner():
-    from pipeline.runners import runner_config
+    from pipeline.orchestration.runners import runner_config
 
     values = yaml.safe_load((ROOT / "infra" / "helm" / "airflow-values.yaml").read_text())
     assert values["executor"] in ("KubernetesExecutor", "CeleryExecutor")

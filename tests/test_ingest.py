@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import IngestConfig
-from pipeline.ingest import ingest
-from pipeline.prepared import open_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import open_prepared
 
 CFG = IngestConfig(workers=2, chunk_size=7)  # small chunks: exercise the chunked parallel path
 
@@ -239,7 +239,7 @@ def test_csv_and_webdataset_sources_match_imagefolder(tmp_path):
 
 
 def test_s3_prefix_source(tmp_path, monkeypatch_s3_env):
-    from pipeline import s3
+    from pipeline import storage
 
     folder = tmp_path / "folder"
     items = _small_set(folder)
@@ -249,7 +249,7 @@ def test_s3_prefix_source(tmp_path, monkeypatch_s3_env):
     (folder / "metadata.jsonl").write_text(meta)
     ingest(str(folder), tmp_path / "local", 32, IngestConfig(workers=1), progress=False)
     for f in folder.iterdir():
-        s3.upload_file(f, f"s3://test-bucket/sets/shapes/{f.name}")
+        storage.upload_file(f, f"s3://test-bucket/sets/shapes/{f.name}")
     ingest("s3://test-bucket/sets/shapes", tmp_path / "from_s3", 32, IngestConfig(workers=1), progress=False)
     assert _content(tmp_path / "from_s3") == _content(tmp_path / "local")
     kinds = sorted(r["kind"] for r in open_prepared(tmp_path / "from_s3").quarantine())
@@ -318,9 +318,9 @@ def conditions_by_item(ds) -> dict[str, str | None]:
 
 
 def test_condition_column_prepares_condition_images_and_quarantines_bad_ones(tmp_path):
+    from pipeline.data.ingest import prepare_image
+    from pipeline.data.prepared import compute_version
     from pipeline.errors import UserError
-    from pipeline.ingest import prepare_image
-    from pipeline.prepared import compute_version
 
     expected = condition_corpus(tmp_path / "src")
     info = ingest(str(tmp_path / "src"), tmp_path / "out", 32, IngestConfig(workers=2, chunk_size=3),
@@ -357,7 +357,7 @@ def test_condition_column_prepares_condition_images_and_quarantines_bad_ones(tmp
 
 
 def test_doodles_fill_missing_conditions_deterministically(tmp_path):
-    from pipeline.doodle import doodle_from_image
+    from pipeline.data.doodle import doodle_from_image
 
     condition_corpus(tmp_path / "src")
     one, two = tmp_path / "one" / "ds", tmp_path / "two" / "ds"

@@ -13,8 +13,20 @@ import pytest
 import torch
 from conftest import invoke
 from PIL import Image
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
 
+from pipeline.config import EvaluationConfig
 from pipeline.errors import UserError
+from pipeline.evaluation.metrics import clip_score, copy_rate, fid_and_kid
+from pipeline.evaluation.protocol import evaluate, load_eval_data_for
 from tests.mlflow_support import EVALUATION, mlflow_store, tracking_section, train_run, write_yaml
 
 torch.set_num_threads(1)
@@ -135,8 +147,8 @@ def test_unknown_name_alias_or_version_lists_what_exists(store, runs):
 
 
 def test_resolve_model_downloads_a_registered_version(store, runs, tmp_path):
-    from pipeline.model_dir import load_model
-    from pipeline.model_uri import resolve_model
+    from pipeline.model.folder import load_model
+    from pipeline.registry.model_uri import resolve_model
 
     cfg = str(store["config"])
     assert invoke("register", str(runs["mid"]), "--name", "resolve-me", "--config", cfg).exit_code == 0
@@ -152,7 +164,7 @@ def test_resolve_model_downloads_a_registered_version(store, runs, tmp_path):
 def test_missing_or_corrupt_artifacts_are_clear_errors(store, shapes_data, tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline.model_uri import resolve_model
+    from pipeline.registry.model_uri import resolve_model
 
     cfg = str(store["config"])
     run_dir = train_run(tmp_path / "t", shapes_data, max_steps=1)
@@ -175,6 +187,8 @@ def test_missing_or_corrupt_artifacts_are_clear_errors(store, shapes_data, tmp_p
 
 def test_evaluate_cli_writes_json_and_logs_to_the_run(store, runs, tmp_path):
     cfg = str(store["config"])
+    # the run must be in MLflow for the evaluation to be logged to it (whichever test ran before)
+    assert invoke("train", "--log-only", str(runs["good"]), "--config", cfg).exit_code == 0
     out = tmp_path / "report.json"
     result = invoke("evaluate", str(runs["good"]), "--config", cfg, "--out", str(out))
     assert result.exit_code == 0, result.output
@@ -221,39 +235,13 @@ def test_pyfunc_serves_pngs_and_reports_bad_rows(store, runs, tmp_path):
     assert out["image"][2] == "" and "Error" in out["error"][2]  # the bad row only
 
 
-def test_fid_kid_and_clip_score_with_local_weights(store, runs, tmp_path):
-    """Stand-in weights (a tiny TorchScript feature extractor and a tiny random CLIP) exercise the real code path:
-    with weights present the metrics are computed, not skipped."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPTokenizer,
-        CLIPVisionConfig,
-    )
-
-    from pipeline.config import EvaluationConfig
-    from pipeline.evaluation import evaluate, frechet_distance, kernel_inception_distance
-
-    class TinyFeatures(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 5, stride=8)
-
-        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-            return self.conv(x / 255.0).mean(dim=(2, 3))
-
-    torch.manual_seed(0)
-    inception = tmp_path / "inception.pt"
-    torch.jit.script(TinyFeatures()).save(str(inception))
-    clip = tmp_path / "clip"
-    clip.mkdir()
+def _tiny_clip(folder):
+    """A tiny random CLIP saved like a real one (config, weights, processor, a byte-level vocabulary)."""
+    folder.mkdir()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "red</w>": 3, "circle</w>": 4, "!": 5}
-    (clip / "vocab.json").write_text(json.dumps(vocab))
-    (clip / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(clip / "vocab.json"), str(clip / "merges.txt"))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                             crop_size={"height": 32, "width": 32}), tokenizer=tok)
     text = CLIPTextConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -261,30 +249,56 @@ def test_fid_kid_and_clip_score_with_local_weights(store, runs, tmp_path):
                           pad_token_id=1)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=32, patch_size=8)
+    torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8)) \
-        .save_pretrained(str(clip))
-    proc.save_pretrained(str(clip))
+        .save_pretrained(str(folder))
+    proc.save_pretrained(str(folder))
+    return folder
 
-    ec = EvaluationConfig(**EVALUATION, inception_path=inception, clip_path=clip)
-    report = evaluate(runs["good"] / "model", ec)
+
+class _TinyFeatures(torch.nn.Module):
+    """Stands in for the Inception TorchScript file: the mean colour of the image and of its top half."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x[:, :, : x.shape[2] // 2].mean(dim=(2, 3))], dim=1) / 255.0
+
+
+def test_fid_kid_and_clip_score_with_local_weights(store, runs, tmp_path):
+    """With the weights present the metrics are computed, not skipped, and they measure what they should."""
+    inception = tmp_path / "inception.pt"
+    torch.jit.script(_TinyFeatures()).save(str(inception))
+    clip = _tiny_clip(tmp_path / "clip")
+    report = evaluate(runs["good"] / "model", EvaluationConfig(**EVALUATION, inception_path=inception,
+                                                               clip_path=clip))
     assert {"fid", "kid", "clip_score"} <= set(report["metrics"]) and not report["skipped"].keys() & {"fid", "kid"}
-    assert report["metrics"]["fid"] > 0 and 0 <= report["metrics"]["clip_score"] <= 100
 
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(200, 8))
-    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    assert frechet_distance(a, a + 3) == pytest.approx(8 * 9, rel=0.01)  # mean shift of 3 in 8 dims
-    assert abs(kernel_inception_distance(a, rng.normal(size=(200, 8)))) < 0.05
-    assert kernel_inception_distance(a, a + 3) > 1
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    same = fid_and_kid(inception, real, real.clone(), seed=0)
+    assert same["fid"] == pytest.approx(0, abs=1e-4) and abs(same["kid"]) < 1e-3
+    brighter = fid_and_kid(inception, real, (real.int() + 60).clamp(max=255).to(torch.uint8), seed=0)
+    assert brighter["fid"] > 100 * max(same["fid"], 1e-6) and brighter["kid"] > 1e-3
+    assert fid_and_kid(inception, real, real // 2, seed=3)["fid"] > brighter["fid"]  # further away: larger
+
+    # CLIP score: 100 x the cosine of CLIP's own image and text embeddings, clipped at 0 (the definition)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    prompts = ["a red circle", "a circle", "red", "a red"]
+    model = CLIPModel.from_pretrained(str(clip)).eval()
+    proc = CLIPProcessor.from_pretrained(str(clip))
+    with torch.no_grad():
+        out = model(**proc(text=prompts, images=list(images), return_tensors="pt", padding=True))
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    assert clip_score(clip, images, prompts) == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-3)
 
 
 def test_copy_rate_finds_copies_of_training_images(runs):
-    from pipeline.config import EvaluationConfig
-    from pipeline.evaluation import copy_rate, load_eval_data_for
-
     data = load_eval_data_for(runs["good"] / "model", EvaluationConfig(**EVALUATION))
     train = torch.from_numpy(data.dataset.images(data.train_rows[:6])).permute(0, 3, 1, 2)
     noise = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    assert copy_rate(train, data, 16, 0.02)["copy_rate"] == 1.0
-    assert copy_rate(noise, data, 16, 0.02)["copy_rate"] == 0.0
-    assert copy_rate(torch.cat([train[:3], noise[:3]]), data, 16, 0.02)["copy_rate"] == 0.5
+
+    def rate(images):
+        return copy_rate(images, data.dataset, data.train_rows, data.resolution, 16, 0.02)["copy_rate"]
+
+    assert rate(train) == 1.0
+    assert rate(noise) == 0.0
+    assert rate(torch.cat([train[:3], noise[:3]])) == 0.5

@@ -45,7 +45,7 @@ def test_train_logs_everything_and_resume_continues_the_same_run(tmp_path, shape
     assert set(run.data.metrics) >= {"loss", "lr", "grad_norm", "img_per_s"}
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10]
     from pipeline.config import Config
-    from pipeline.dataset import open_training_data
+    from pipeline.data.loader import open_training_data
 
     trained_on = open_training_data(Config.model_validate(cfg).data, Config.model_validate(cfg).ingest).version
     tags = run.data.tags
@@ -120,8 +120,8 @@ def test_store_failing_mid_training_turns_logging_off_and_training_finishes(tmp_
     """The real store breaks after the first metrics (its sqlite file is overwritten): the logger retries, then
     turns itself off with the reason; training, checkpoints and metrics.jsonl carry on; --log-only later works."""
     from pipeline.config import Config
-    from pipeline.mlflow_tracking import MLflowLogger
-    from pipeline.train import train
+    from pipeline.registry.tracking import MLflowLogger
+    from pipeline.training.loop import train
 
     store = tmp_path / "store"
     store.mkdir()

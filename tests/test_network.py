@@ -4,24 +4,22 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.encoders import ContextBatch
-from pipeline.network import ModelSpec, build_unet, denoise
+from pipeline.model.encoders import ContextBatch
+from pipeline.model.network import ModelSpec, build_unet, denoise
 from tests.conftest import tiny_config
 
 
-def _spec(attach, encoder="minilm", categories=None, coord_frequencies=0):
-    return ModelSpec(resolution=16, patch_size=2, coord_channels=True, coord_frequencies=coord_frequencies,
-                     encoder=encoder, encoder_id="x",
+def _spec(attach, encoder="minilm", categories=None):
+    return ModelSpec(resolution=16, patch_size=2, coord_channels=True, encoder=encoder, encoder_id="x",
                      max_length=8, categories=categories, attach=attach, context_dim=24,
                      prediction_type="v_prediction")
 
 
-@pytest.mark.parametrize(("attach", "film", "freqs"),
-                         [("cross_attention", False, 0), ("additive", True, 0), ("both", True, 2)])
-def test_context_changes_the_prediction(attach, film, freqs):
-    spec = _spec(attach, coord_frequencies=freqs)
+@pytest.mark.parametrize(("attach", "film"), [("cross_attention", False), ("additive", True), ("both", True)])
+def test_context_changes_the_prediction(attach, film):
+    spec = _spec(attach)
     unet = build_unet(spec, [32, 32], 1, [False, True], 8, 8, scale_shift=film).eval()
-    assert unet.config.in_channels == 12 + 2 + 4 * freqs
+    assert unet.config.in_channels == 12 + 2  # 2x2 patches of RGB + x/y coordinates
     assert unet.config.resnet_time_scale_shift == ("scale_shift" if film else "default")
     has_attn = any("attn2" in n for n, _ in unet.named_modules())
     assert has_attn == (attach != "additive")
@@ -40,9 +38,9 @@ def test_context_changes_the_prediction(attach, film, freqs):
 
 
 def test_category_conditioning_trains(tmp_path, shapes_data):
-    from pipeline.model_dir import load_model
-    from pipeline.sample import generate
-    from pipeline.train import train
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import generate
+    from pipeline.training.loop import train
 
     raw = tiny_config(tmp_path, shapes_data, data={"label_column": "colour"},
                       context={"encoder": "category", "attach": "cross_attention"}, train={"max_steps": 4})

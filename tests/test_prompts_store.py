@@ -13,8 +13,8 @@ from prompt_db import store_url  # noqa: F401  (fixture: sqlite and postgresql)
 
 from pipeline.config import GenerationConfig
 from pipeline.errors import UserError
-from pipeline.generation import parse_shard, shard_of
-from pipeline.prompt_store import import_file, open_store, parse_prompt, problems
+from pipeline.generation.batch import parse_shard, shard_of
+from pipeline.generation.prompt_store import import_file, open_store, parse_prompt, problems
 
 GC = GenerationConfig(steps=7, guidance=3.0)
 
@@ -31,8 +31,8 @@ def test_schema_is_migrated_and_matches_the_models(store_url):  # noqa: F811
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from pipeline.prompt_store.models import Base
-    from pipeline.prompt_store.store import alembic_config
+    from pipeline.generation.prompt_store.models import Base
+    from pipeline.generation.prompt_store.store import alembic_config
 
     store = open_store(store_url)
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -53,7 +53,7 @@ def test_schema_is_migrated_and_matches_the_models(store_url):  # noqa: F811
 
 
 def test_concurrent_first_opens_migrate_once(store_url):  # noqa: F811
-    code = "import sys; from pipeline.prompt_store import open_store; open_store(sys.argv[1]).close()"
+    code = "import sys; from pipeline.generation.prompt_store import open_store; open_store(sys.argv[1]).close()"
     procs = [subprocess.Popen([sys.executable, "-c", code, store_url], stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
@@ -152,7 +152,7 @@ def test_shard_partition_covers_every_prompt_exactly_once():
         assert sorted(sum(shards, [])) == ids  # every prompt in exactly one shard
         assert all(len(s) > 1000 / n * 0.7 for s in shards)  # and roughly balanced
     # the same partition in another process with another hash seed (not Python's randomized hash())
-    code = "from pipeline.generation import shard_of; print([shard_of(i, 8) for i in range(1, 1001)])"
+    code = "from pipeline.generation.batch import shard_of; print([shard_of(i, 8) for i in range(1, 1001)])"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
     assert json.loads(other.stdout) == [shard_of(i, 8) for i in ids]
@@ -262,7 +262,7 @@ def test_import_with_doodles_rejects_only_the_bad_records(store_url, tmp_path): 
 def test_an_existing_store_migrates_in_place_and_keeps_its_prompts(store_url, tmp_path):  # noqa: F811
     from sqlalchemy import text
 
-    from pipeline.prompt_store.store import _engine, migrate
+    from pipeline.generation.prompt_store.store import _engine, migrate
 
     engine = _engine(store_url)
     assert migrate(engine, "0001") == (None, "0001")  # a store made before doodles existed

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.config import ContextConfig, IngestConfig, ReportConfig
-from pipeline.ingest import ingest
-from pipeline.report import build_report, coverage
+from pipeline.data.ingest import ingest
+from pipeline.data.report import build_report, coverage
 
 
 @pytest.fixture(scope="module")

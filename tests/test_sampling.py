@@ -2,8 +2,8 @@
 
 import torch
 
-from pipeline.model_dir import load_model
-from pipeline.sample import generate
+from pipeline.model.folder import load_model
+from pipeline.model.sampling import generate
 
 PROMPT = "a large red circle in the center on a white background"
 

@@ -5,7 +5,8 @@ import random
 
 from PIL import Image
 
-from pipeline import shapes
+from pipeline.shapes import dataset as shapes
+from pipeline.shapes import scorer
 
 
 def test_dataset_is_deterministic_and_excludes_held_out_pairs(tmp_path):
@@ -37,18 +38,18 @@ def test_scorer_scores_real_images_perfectly_and_mismatches_low():
     for spec in rng.sample(specs, 300):
         jitter = (rng.uniform(-0.025, 0.025), rng.uniform(-0.025, 0.025))
         items.append((shapes.render(spec, 32, jitter), shapes.caption(spec, rng.randrange(4))))
-    right = shapes.score(items)["summary"]
+    right = scorer.score(items)["summary"]
     assert right["all"]["all"] >= 0.99, right
     assert right["held_out"]["n"] > 0 and right["held_out"]["colour+shape"] >= 0.99
     shuffled = [img for img, _ in items]
     rng.shuffle(shuffled)
-    wrong = shapes.score(zip(shuffled, [p for _, p in items], strict=True))["summary"]["all"]
+    wrong = scorer.score(zip(shuffled, [p for _, p in items], strict=True))["summary"]["all"]
     assert wrong["colour+shape"] < 0.2 and wrong["position"] < 0.25 and wrong["all"] < 0.05
 
 
 def test_scorer_finds_nothing_in_a_blank_image():
     blank = Image.new("RGB", (32, 32), (255, 255, 255))
-    report = shapes.score([(blank, "a large red circle in the center on a white background")])
+    report = scorer.score([(blank, "a large red circle in the center on a white background")])
     assert report["summary"]["all"]["colour"] == 0 and report["items"][0]["found"] == {}
 
 
@@ -62,22 +63,22 @@ def test_object_mask_is_the_shape():
     import numpy as np
 
     square = shapes.render(shapes.ShapeSpec("orange", "square", "large", "center", "gray"), 32)
-    mask = shapes.object_mask(square)
+    mask = scorer.object_mask(square)
     assert mask.shape == (32, 32) and mask.dtype == bool
     assert abs(int(mask.sum()) - 16 * 16) <= 16  # a 16 px square, give or take its anti-aliased rim
     assert mask[16, 16] and not mask[2, 2]
-    assert not shapes.object_mask(Image.new("RGB", (32, 32), (128, 128, 128))).any()
+    assert not scorer.object_mask(Image.new("RGB", (32, 32), (128, 128, 128))).any()
     triangle = shapes.render(shapes.ShapeSpec("blue", "triangle", "small", "top left", "white"), 32)
-    tri = shapes.object_mask(triangle)
+    tri = scorer.object_mask(triangle)
     assert tri[:16, :16].sum() > 0.9 * tri.sum()  # where it was drawn
-    assert np.array_equal(shapes.object_mask(triangle.transpose(Image.Transpose.ROTATE_90)), np.rot90(tri))
+    assert np.array_equal(scorer.object_mask(triangle.transpose(Image.Transpose.ROTATE_90)), np.rot90(tri))
 
 
 def test_shapes_cli_writes_doodles_named_in_metadata(tmp_path):
     import numpy as np
     from conftest import invoke
 
-    from pipeline.doodle import doodle_from_image
+    from pipeline.data.doodle import doodle_from_image
 
     result = invoke("data", "shapes", "--out", str(tmp_path / "d"), "--num", "5", "--resolution", "32", "--doodles")
     assert result.exit_code == 0, result.output
@@ -94,7 +95,7 @@ def test_shapes_cli_writes_doodles_named_in_metadata(tmp_path):
 
 
 def test_doodle_eval_items_outline_every_pair():
-    from pipeline.doodle import filled_mask, iou
+    from pipeline.data.doodle import filled_mask, iou
 
     items = shapes.doodle_eval_items(4, resolution=32)
     assert [(s, p) for s, p, _ in items] == shapes.eval_prompts(4, 4321)
@@ -102,7 +103,7 @@ def test_doodle_eval_items_outline_every_pair():
     overlap = []
     for spec, _, doodle in items:
         assert doodle.shape == (32, 32, 3)
-        overlap.append(iou(filled_mask(doodle), shapes.object_mask(shapes.render(spec, 32))))
+        overlap.append(iou(filled_mask(doodle), scorer.object_mask(shapes.render(spec, 32))))
     # the ceiling a perfect generation reaches: the filled doodle also holds the outer half of its ~2 px line,
     # a large share of a small shape at 32 px
     assert min(overlap) > 0.55 and sum(overlap) / len(overlap) > 0.7

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import IngestConfig, ValidationConfig
-from pipeline.validate import validate_dataset
+from pipeline.data.validation import validate_dataset
 
 
 @pytest.fixture(scope="module")
 def good_dataset(tmp_path_factory) -> Path:
     """64 shapes images (16 px) through the real ingest: the reference a broken copy is made from."""
-    from pipeline import shapes
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
+    from pipeline.shapes import dataset as shapes
 
     tmp = tmp_path_factory.mktemp("validate")
     shapes.make_dataset(tmp / "src", 64, resolution=16, seed=0)
@@ -179,8 +179,8 @@ def test_user_mistakes_exit_2(dataset, tmp_path):
 def test_condition_shards_are_checked_with_the_image_shards(tmp_path):
     import numpy as np
 
-    from pipeline import shapes
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
+    from pipeline.shapes import dataset as shapes
 
     shapes.make_dataset(tmp_path / "src", 24, resolution=16, seed=0, doodles=True)
     out = tmp_path / "prepared" / "sketches"
