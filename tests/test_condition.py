@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import invoke, tiny_config
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.model.folder import load_model, save_model
 from pipeline.model.network import denoise, extend_condition_channels
 from pipeline.model.sampling import encode_prompts, generate
+from pipeline.shapes import dataset as shapes
+from pipeline.shapes.protocol import evaluate_doodles, score_doodles
+from pipeline.training.loop import train
 from pipeline.training.objective import cfg_dropout, image_dropout
 
 PROMPT = "a small red circle in the center on a white background"
@@ -27,8 +32,6 @@ def _doodle(res: int = 16) -> torch.Tensor:
 
 
 def test_extension_adds_zero_channels_and_keeps_the_model_as_it_was(trained_tiny, tmp_path):
-    from diffusers import UNet2DConditionModel
-
     model = load_model(trained_tiny)
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([900, 300])
     ctx = encode_prompts(model.spec, [PROMPT, ""])
@@ -44,7 +47,6 @@ def test_extension_adds_zero_channels_and_keeps_the_model_as_it_was(trained_tiny
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)  # zero weights: the doodle changes nothing yet
 
     # the extended model is a plain diffusers UNet with more input channels
-    from diffusers import DDPMScheduler
 
     saved = save_model(tmp_path / "model", unet, DDPMScheduler.from_config(model.scheduler_config), spec)
     assert UNet2DConditionModel.from_pretrained(saved / "unet").config.in_channels == old_in + 12
@@ -97,7 +99,6 @@ def test_a_doodle_for_a_text_only_model_is_a_clear_error(trained_tiny, tmp_path)
         generate(load_model(trained_tiny), [PROMPT], [0], steps=2, cond_images=_doodle().unsqueeze(0))
     with pytest.raises(UserError, match="image guidance must be between 0 and 50"):
         generate(load_model(trained_tiny), [PROMPT], [0], steps=2, image_guidance=-1)
-    from PIL import Image
 
     sketch = tmp_path / "sketch.png"
     Image.new("RGB", (64, 64), "white").save(sketch)
@@ -107,8 +108,6 @@ def test_a_doodle_for_a_text_only_model_is_a_clear_error(trained_tiny, tmp_path)
 
 
 def test_sample_cli_follows_a_doodle_file(doodle_model, tmp_path):
-    from PIL import Image
-
     sketch = tmp_path / "sketch.png"
     arr = ((_doodle().permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
     Image.fromarray(arr).resize((128, 128), Image.Resampling.NEAREST).save(sketch)  # any size: brought to 16 px
@@ -123,16 +122,12 @@ def test_sample_cli_follows_a_doodle_file(doodle_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def doodle_data(tmp_path_factory):
-    from pipeline.shapes import dataset as shapes
-
     out = tmp_path_factory.mktemp("doodle_shapes") / "data"
     shapes.make_dataset(out, 48, resolution=16, seed=0, doodles=True)
     return out
 
 
 def test_training_extends_a_text_only_checkpoint_with_the_doodle(trained_tiny, doodle_data, tmp_path):
-    from pipeline.training.loop import train
-
     text_model = load_model(trained_tiny)
     raw = tiny_config(tmp_path, doodle_data, data={"condition_column": "conditioning_image"},
                       context={"image_condition": True, "image_dropout": 0.2},
@@ -147,8 +142,6 @@ def test_training_extends_a_text_only_checkpoint_with_the_doodle(trained_tiny, d
 
 def test_init_from_a_different_architecture_or_data_without_conditions_is_a_clear_error(
         trained_tiny, doodle_data, shapes_data, tmp_path):
-    from pipeline.training.loop import train
-
     wider = tiny_config(tmp_path / "a", doodle_data, data={"condition_column": "conditioning_image"},
                         context={"image_condition": True}, model={"block_out_channels": [32, 64]},
                         train={"max_steps": 2, "init_from": str(trained_tiny)})
@@ -161,15 +154,26 @@ def test_init_from_a_different_architecture_or_data_without_conditions_is_a_clea
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_doodle_evaluation_scores_outline_overlap_against_its_ceiling(doodle_model):
-    from pipeline.shapes.protocol import evaluate_doodles
+def test_doodle_scoring_measures_how_well_images_follow_their_doodles():
+    """The scorer on known images: the images the doodles were drawn from follow them (IoU = the reference, colour and
+    shape right), blank images follow nothing, and images swapped between items score lower."""
+    items = shapes.doodle_eval_items(per_pair=1, resolution=16)
+    sources = torch.stack([torch.from_numpy(np.asarray(shapes.render(spec, 16))).permute(2, 0, 1)
+                           for spec, _, _ in items])
+    faithful = score_doodles(items, sources, 16)["all"]
+    assert faithful["n"] == 18 and faithful["iou"] == faithful["iou_of_source_image"] > 0.5
+    assert faithful["colour"] == 1.0 and faithful["shape"] > 0.9
+    blank = score_doodles(items, torch.full_like(sources, 255), 16)["all"]
+    assert blank["iou"] == 0.0 and blank["iou>=0.5"] == 0.0 and blank["colour"] == 0.0
+    swapped = score_doodles(items, sources.roll(1, dims=0), 16)["all"]  # each image follows another's doodle
+    assert swapped["iou"] < faithful["iou"] - 0.1
 
+
+def test_doodle_evaluation_runs_the_protocol_with_and_without_the_doodles(doodle_model):
     with_doodle = evaluate_doodles(doodle_model, per_pair=1, steps=2)
-    s = with_doodle["summary"]
-    assert s["all"]["n"] == 18 and s["held_out"]["n"] == 3  # every colour x shape pair, 3 of them held out
-    # the images the doodles were drawn from overlap their filled outlines well: the measure can be met
-    assert s["all"]["iou_of_source_image"] > 0.5
-    assert 0.0 <= s["all"]["iou"] <= 1.0 and 0.0 <= s["all"]["colour"] <= 1.0
+    assert with_doodle["summary"]["all"]["n"] == 18 and with_doodle["summary"]["held_out"]["n"] == 3
+    assert with_doodle["protocol"]["image_guidance"] == 1.5 and with_doodle["protocol"]["use_doodle"]
     without = evaluate_doodles(doodle_model, per_pair=1, steps=2, use_doodle=False)
     assert without["protocol"]["image_guidance"] is None
-    assert without["summary"]["all"]["iou_of_source_image"] == s["all"]["iou_of_source_image"]
+    # the tiny model draws differently when it follows the doodles: the scores are of the images it made
+    assert with_doodle["summary"] != without["summary"]

@@ -26,7 +26,7 @@ from tests.conftest import ROOT, tiny_config, write_config
 # random_flip and CFG dropout (default 0.1) cover the other random draws that must not depend on the world size.
 TRAIN = {"max_steps": 6, "checkpoint_every": 3, "keep_last": 3, "log_every": 1, "batch_size": 8, "grad_accum": 2}
 # Float32 gradients summed in a different order, through 6 AdamW steps: max |diff| 2.6e-6 observed on AMD CPUs, 2.05e-5
-# on an Intel Xeon with AVX-512 VNNI (session 12; oneDNN's kernels round differently at batch 4 and 8). The bound stays
+# on an Intel Xeon with AVX-512 VNNI (oneDNN's kernels round differently at batch 4 and 8). The bound stays
 # a twentieth of what steps 4..6 alone move the weights (asserted below), so a rank's wrong update still fails it.
 TOLERANCE = 5e-5
 

@@ -138,7 +138,7 @@ def test_cycles_must_add_up_and_retired_keys_say_what_replaces_them(tmp_path, sh
         load_config(config)
     config = write_config(tmp_path / "floor.yaml", tiny_config(tmp_path, shapes_data,
                                                                diffusion={"loss_weight_floor": 0.25}))
-    with pytest.raises(UserError, match=r"diffusion.loss_weight_floor: retired \(it measured no gain\)"):
+    with pytest.raises(UserError, match=r"diffusion.loss_weight_floor: no longer a setting"):
         load_config(config)
 
 

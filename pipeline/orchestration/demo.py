@@ -5,12 +5,16 @@ artifacts), the prompt store (SQLite), the DVC project with a local remote, data
 `dag.test()` runs one DAG in-process and does not trigger Asset-scheduled DAGs, so the demo runs
 dataset_update -> retrain -> batch_generate in order, each with the versions the previous one emitted.
 
+The terminal shows one line per task (its state and seconds), the training's progress bar and a summary; the full
+output of every DAG (Airflow's task logs, the training subprocess) goes to WORKSPACE/logs/DAG_ID.log.
+
     python -m pipeline.orchestration.demo [--workspace .demo] [--config configs/shapes.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -18,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import GenerationConfig
+from pipeline.config import GenerationConfig, load_config
 from pipeline.generation.prompt_store import open_store, parse_prompt
 from pipeline.shapes import dataset as shapes
 
@@ -45,13 +49,39 @@ def environment(workspace: Path, config: Path) -> dict[str, str]:
     }
 
 
-def _check(dr, name: str) -> dict[str, str]:
-    states = {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
+@contextlib.contextmanager
+def output_to(log: Path):
+    """Everything this process and its children write to stdout and stderr goes to `log` (appended)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def run_dag(dag, lines, logs: Path, what: str):
+    """dag.test() with its output in logs/DAG_ID.log; the run, or SystemExit naming what failed."""
+    print(f"{dag.dag_id}: {what}", file=lines.out, flush=True)
+    log = logs / f"{dag.dag_id}.log"
+    with output_to(log):
+        dr = dag.test()
+    for ti in sorted(dr.get_task_instances(), key=lambda t: (t.start_date is None, t.start_date or 0)):
+        if (ti.dag_id, ti.task_id, ti.map_index) not in lines.reported:  # skipped, or never ran
+            lines.line(ti, str(ti.state))
     if str(dr.state) != "success":
-        failed = [t for t, s in states.items() if s in ("failed", "upstream_failed")]
-        raise SystemExit(f"{name} did not succeed (tasks: {failed}); see the log above and "
-                         f"{os.environ['AIRFLOW_HOME']}")
-    return states
+        raise SystemExit(f"{dag.dag_id} did not succeed; its log: {log}")
+    return dr
 
 
 def _xcom(dr, task_id: str):
@@ -69,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ws.mkdir(parents=True, exist_ok=True)
     os.environ.update(environment(ws, config))
     t0 = time.time()
+    out = open(os.dup(1), "w", buffering=1)  # the terminal, while the DAGs' output goes to the log files  # noqa: SIM115
 
     if not (ws / "data" / "shapes" / "metadata.jsonl").is_file():
         shapes.make_dataset(ws / "data" / "shapes", args.images, resolution=32, seed=0)
@@ -81,42 +112,50 @@ def main(argv: list[str] | None = None) -> None:
     store.close()
 
     sys.path.insert(0, str(ROOT / "dags"))
-    # imported only now: the DAG files (and pipeline.orchestration.dag_common) read the environment set above
-    from batch_generate import batch_generate_dag
-    from dataset_update import dataset_update_dag
-    from retrain import retrain_dag
+    logs = ws / "logs"
+    with output_to(logs / "setup.log"):  # what the libraries log as they load
+        # imported only now: Airflow, the DAG files and pipeline.orchestration read the environment set above
+        from airflow.sdk.listener import get_listener_manager
+        from batch_generate import batch_generate_dag
+        from dataset_update import dataset_update_dag
+        from retrain import retrain_dag
 
-    print("== dataset_update: ingest -> validate -> DVC", flush=True)
-    dr = dataset_update_dag.test()
-    _check(dr, "dataset_update")
+        from pipeline.orchestration.task_lines import TaskLines
+        from pipeline.orchestration.tasks import retrain_run_dir
+
+    lines = TaskLines(out, load_config(config).train.max_steps, retrain_run_dir)
+    get_listener_manager().add_listener(lines)
+    print(f"workspace {ws}; the DAGs' logs: {logs}/", file=out)
+    dr = run_dag(dataset_update_dag, lines, logs, "ingest -> validate -> DVC")
     dataset = _xcom(dr, "version")
-    print("== retrain: pull -> gate -> train -> evaluate -> register -> promote", flush=True)
-    dr = retrain_dag.test()
-    states = _check(dr, "retrain")
-    decision = _xcom(dr, "promote")
-    evaluation = _xcom(dr, "evaluate")
-    print("== batch_generate: champion -> pending prompts -> shards -> generate -> gallery", flush=True)
+    dr = run_dag(retrain_dag, lines, logs, "pull -> gate -> train -> evaluate -> register -> promote")
+    published = any(t.task_id == "publish" and str(t.state) == "success" for t in dr.get_task_instances())
+    decision, evaluation = _xcom(dr, "promote"), _xcom(dr, "evaluate")
     generated = None
     if decision["champion"] is not None:
-        dr = batch_generate_dag.test()
-        _check(dr, "batch_generate")
+        dr = run_dag(batch_generate_dag, lines, logs, "champion -> pending prompts -> shards -> generate -> gallery")
         generated = _xcom(dr, "collect")
 
     metrics = evaluation["metrics"]
-    adherence = {k: v for k, v in metrics.items() if "adherence" in k}
     summary = {
         "dataset": {"path": dataset["dataset"], "version": dataset["version"][:16], "dvc_md5": dataset["dvc_md5"]},
         "model": {"name": decision["name"], "challenger": decision["challenger"], "decision": decision["decision"],
-                  "champion": decision["champion"], "published": states.get("publish") == "success",
-                  "reasons": decision["reasons"]},
-        "adherence": adherence, "denoise_mse": metrics.get("denoise_mse"),
+                  "champion": decision["champion"], "published": published, "reasons": decision["reasons"]},
+        "adherence": {k: v for k, v in metrics.items() if "adherence" in k}, "denoise_mse": metrics.get("denoise_mse"),
         "images": generated and generated["images"], "gallery": generated and generated.get("gallery"),
         "minutes": round((time.time() - t0) / 60, 1),
     }
     (ws / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"\nLook at it: `make ui` (Airflow http://127.0.0.1:8080, MLflow http://127.0.0.1:5000); gallery: "
-          f"{summary['gallery']}")
+    names = {"adherence": "colour+shape", "seen": "colour+shape of seen pairs",
+             "held_out": "colour+shape of held-out pairs"}
+    adherence = [f"{names.get(k, k)} {100 * v:.0f} %" for k, v in
+                 ((k.removeprefix("adherence_"), v) for k, v in summary["adherence"].items())]
+    print(f"\ndataset {summary['dataset']['version']} (DVC {dataset['dvc_md5'][:12]}); model {decision['name']} "
+          f"v{decision['challenger']}: {decision['decision']}, champion v{decision['champion']}", file=out)
+    print("adherence: " + ", ".join(adherence), file=out)
+    print(f"images: {summary['images']}, gallery: {summary['gallery']}", file=out)
+    print(f"{summary['minutes']} min; summary {ws / 'demo_summary.json'}; look at it all: `make ui` (Airflow "
+          "http://127.0.0.1:8080, MLflow http://127.0.0.1:5000)", file=out)
 
 
 if __name__ == "__main__":

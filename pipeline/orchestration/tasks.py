@@ -47,7 +47,7 @@ def ingest(params: dict) -> dict:
         out = dataset_dir(params["name"]).resolve()
         info = ingest_source(params["source"], out, cfg.data.resolution, cfg.ingest,
                              caption_column=cfg.data.caption_column, label_column=cfg.data.label_column,
-                             name=params["name"], progress=False)
+                             condition_column=cfg.data.condition_column, name=params["name"], progress=False)
     return {"dataset": str(out), "version": info["version"], "items": info["num_items"],
             "quarantined": info["num_quarantined"]}
 
@@ -83,14 +83,18 @@ def _sections(config: str) -> tuple[TrackingConfig, EvaluationConfig, PromotionC
             load_section(path, "promotion", PromotionConfig))
 
 
+def retrain_run_dir(run_id: str) -> Path:
+    """The training run folder of a retrain DAG run: one per DAG run, so a retried train task resumes it."""
+    return WORKSPACE / "runs" / "retrain" / re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)
+
+
 def pull(params: dict, run_id: str) -> dict:
     """The dataset version to train on, fetched from the DVC remote, and a run folder unique to this DAG run."""
     with in_workspace() as ws:
         path = dataset_dir(params["dataset"]).resolve()
         md5 = dvc_pull(ws, path)
-    safe_run = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)
     return {"dataset": str(path), "version": dataset_version(path), "dvc_md5": md5,
-            "config": str(config_path(params["config"])), "run_dir": str(WORKSPACE / "runs" / "retrain" / safe_run)}
+            "config": str(config_path(params["config"])), "run_dir": str(retrain_run_dir(run_id))}
 
 
 def gate(plan: dict) -> dict:

@@ -14,7 +14,7 @@ from rich.table import Table
 from pipeline.config import SAMPLING, GenerationConfig
 from pipeline.data.doodle import filled_mask, iou
 from pipeline.errors import UserError
-from pipeline.images import condition_tensor
+from pipeline.images import condition_tensor, to_pil
 from pipeline.model.folder import load_model
 from pipeline.model.sampling import generate
 from pipeline.shapes import dataset as shapes
@@ -33,7 +33,7 @@ def evaluate(model, per_pair: int = 8, *, sampler: str = SAMPLING.sampler, steps
     start = time.perf_counter()
     images = generate(model, prompts, list(range(len(prompts))), sampler=sampler, steps=steps, guidance=guidance)
     seconds = time.perf_counter() - start
-    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+    pil = [to_pil(im) for im in images]
     report = scorer.score(zip(pil, prompts, strict=True))
     report["protocol"] = {"per_pair": per_pair, "sampler": sampler, "steps": steps, "guidance": guidance,
                           "seeds": f"0..{len(prompts) - 1}", "generation_seconds": round(seconds, 2)}
@@ -89,23 +89,29 @@ def evaluate_doodles(model, per_pair: int = 4, *, use_doodle: bool = True, sampl
     images = generate(model, prompts, list(range(len(prompts))), sampler=sampler, steps=steps, guidance=guidance,
                       cond_images=cond, image_guidance=image_guidance)
     seconds = time.perf_counter() - start
-    groups: dict[str, dict[str, list[float]]] = {"seen": {}, "held_out": {}, "all": {}}
-    for (spec, _, doodle), img in zip(items, images, strict=True):
-        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        found = scorer.analyse(pil) or {}
-        target = filled_mask(doodle)
-        overlap = iou(scorer.object_mask(pil), target)
-        # the reference: what the image the doodle was drawn from scores (its lines sit on the outline, half outside)
-        ceiling = iou(scorer.object_mask(shapes.render(spec, res)), target)
-        row = {"iou": overlap, "iou_of_source_image": ceiling, "iou>=0.5": float(overlap >= 0.5),
-               "colour": float(found.get("colour") == spec.colour), "shape": float(found.get("shape") == spec.shape)}
-        for g in ("held_out" if spec.held_out else "seen", "all"):
-            for k, v in row.items():
-                groups[g].setdefault(k, []).append(v)
-    summary = {g: {k: round(float(np.mean(v)), 4) for k, v in d.items()} | {"n": len(d.get("iou", []))}
-               for g, d in groups.items()}
+    summary = score_doodles(items, images, res)
     return {"summary": summary, "protocol": {"per_pair": per_pair, "use_doodle": use_doodle, "sampler": sampler,
                                              "steps": steps, "guidance": guidance,
                                              "image_guidance": image_guidance if use_doodle else None,
                                              "seeds": f"0..{len(prompts) - 1}",
                                              "generation_seconds": round(seconds, 2)}}
+
+
+def score_doodles(items: list[tuple], images: torch.Tensor, resolution: int) -> dict:
+    """Per group (seen / held-out colour x shape pairs / all): the IoU of each generated object's mask with its
+    doodle's filled outline, the share with IoU >= 0.5, colour and shape adherence, and the IoU the image the
+    doodle was drawn from scores (the reference: a doodle's lines sit on the outline, half outside the shape)."""
+    groups: dict[str, dict[str, list[float]]] = {"seen": {}, "held_out": {}, "all": {}}
+    for (spec, _, doodle), img in zip(items, images, strict=True):
+        pil = to_pil(img)
+        found = scorer.analyse(pil) or {}
+        target = filled_mask(doodle)
+        overlap = iou(scorer.object_mask(pil), target)
+        ceiling = iou(scorer.object_mask(shapes.render(spec, resolution)), target)
+        row = {"iou": overlap, "iou_of_source_image": ceiling, "iou>=0.5": float(overlap >= 0.5),
+               "colour": float(found.get("colour") == spec.colour), "shape": float(found.get("shape") == spec.shape)}
+        for g in ("held_out" if spec.held_out else "seen", "all"):
+            for k, v in row.items():
+                groups[g].setdefault(k, []).append(v)
+    return {g: {k: round(float(np.mean(v)), 4) for k, v in d.items()} | {"n": len(d.get("iou", []))}
+            for g, d in groups.items()}
