@@ -112,8 +112,8 @@ def end_to_end(model: str, prompts, seeds, steps, guidance, batch_size, device) 
         cfg.write_text(yaml.safe_dump({"generation": {"store_url": url, "artifact_root": f"{tmp}/out",
                                                       "batch_size": batch_size}, "tracking": {"enabled": False}}))
         s = generate_shard(model, config=cfg, device=device)
-    assert s["images"] == len(prompts) and not s["failed"], s
-    return {"seconds": s["seconds"], "images": s["images"], "sample_seconds": s["sample_seconds"]}
+    assert s.images == len(prompts) and not s.failed, s
+    return {"seconds": s.seconds, "images": s.images, "sample_seconds": s.sample_seconds}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ second instead of importing torch, diffusers and MLflow, and a command whose opt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -494,11 +495,11 @@ def register(
 
     result = do_register(run_dir, name, _tracking(config, tracking_uri),
                          load_section(config, "evaluation", EvaluationConfig))
-    if result["created"]:
-        out.print(f"registered {name} version {result['version']} (alias challenger) from run {result['run_id']}")
+    if result.created:
+        out.print(f"registered {name} version {result.version} (alias challenger) from run {result.run_id}")
     else:
-        out.print(f"run {result['run_id']} is already {name} version {result['version']}: nothing registered")
-    out.print(json.dumps(result, indent=2, default=str))
+        out.print(f"run {result.run_id} is already {name} version {result.version}: nothing registered")
+    out.print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
 
 
 @app.command()
@@ -515,12 +516,12 @@ def promote(
 
     result = do_promote(name, _tracking(config, tracking_uri), load_section(config, "evaluation", EvaluationConfig),
                         load_section(config, "promotion", PromotionConfig), force=force)
-    colour = {"promoted": "green", "forced": "yellow", "rejected": "red"}.get(result["decision"], "white")
-    out.print(f"[bold {colour}]{result['decision']}[/]: {name} v{result['version']} "
-              f"(champion before: {result['champion_before'] or 'none'})")
-    for r in result["reasons"]:
+    colour = {"promoted": "green", "forced": "yellow", "rejected": "red"}.get(result.decision, "white")
+    out.print(f"[bold {colour}]{result.decision}[/]: {name} v{result.version} "
+              f"(champion before: {result.champion_before or 'none'})")
+    for r in result.reasons:
         out.print(f"  - {r}", highlight=False)
-    if result["decision"] == "rejected":
+    if result.decision == "rejected":
         raise typer.Exit(1)
 
 
@@ -536,7 +537,7 @@ def rollback(
     from pipeline.registry.versions import rollback as do_rollback
 
     result = do_rollback(name, _tracking(config, tracking_uri), None if to is None else str(to))
-    out.print(f"{name}: champion v{result['from_version']} -> v{result['to_version']}")
+    out.print(f"{name}: champion v{result.from_version} -> v{result.to_version}")
 
 
 # ------------------------------------------------------------------ prompt store and batch generation
@@ -598,13 +599,13 @@ def prompts_import(
 
     st, gc = _open_prompt_store(store, config)
     result = import_file(st, file, gc)
-    ids = result["ids"]
+    ids = result.ids
     span = f" (ids {ids[0]}..{ids[-1]})" if ids else ""
-    out.print(f"added {result['added']} prompts{span} to {st.url}")
-    for r in result["rejected"]:
-        err.print(f"line {r['line']}: {escape(r['reason'])}", highlight=False)
-    if result["rejected"]:
-        err.print(f"{len(result['rejected'])} records rejected")
+    out.print(f"added {result.added} prompts{span} to {st.url}")
+    for r in result.rejected:
+        err.print(f"line {r.line}: {escape(r.reason)}", highlight=False)
+    if result.rejected:
+        err.print(f"{len(result.rejected)} records rejected")
         raise typer.Exit(1)
 
 
@@ -684,40 +685,38 @@ def generate(
     """Turn every pending prompt into images with one model version, exactly once: re-running skips what is
     done. Writes ARTIFACT_ROOT/runs/RUN_ID/{manifest.jsonl,summary.json,gallery.html} and logs them to MLflow.
     Exit 0: all done; 1: some prompts failed (listed; the others are done); 2: nothing ran (bad input)."""
+    from pipeline.generation.artifacts import StorageUnavailable
     from pipeline.generation.batch import generate_shard
     from pipeline.generation.gallery import write_gallery
     from pipeline.registry.model_uri import version_label
 
     s = generate_shard(model, shard, store_url=store, artifact_root=artifacts, run_id=run_id, limit=limit,
                        config=config, device=device)
-    m = s["model"]
-    out.print(f"model {m['requested']} -> {m['name']} {version_label(m['version'])}; shard {s['shard']}: "
-              f"{s['prompts']} pending "
-              f"prompts, {s['images']} images made ({s['images_already_done']} existed), {s['done']} prompts done "
-              f"in {s['seconds']:.1f} s ({s['images_per_second']:.2f} img/s)", highlight=False)
-    cov = s["coverage"]
-    if cov:
-        note = f" (not scored: {cov['unavailable']})" if cov.get("unavailable") else ""
-        out.print(f"coverage ({cov['policy']}, threshold {cov['threshold']}): {cov['counts']}{note}", highlight=False)
-    from pipeline.generation.artifacts import StorageUnavailable
+    m = s.model
+    out.print(f"model {m.requested} -> {m.name} {version_label(m.version)}; shard {s.shard}: {s.prompts} pending "
+              f"prompts, {s.images} images made ({s.images_already_done} existed), {s.done} prompts done "
+              f"in {s.seconds:.1f} s ({s.images_per_second:.2f} img/s)", highlight=False)
+    if cov := s.coverage:
+        note = f" (not scored: {cov.unavailable})" if cov.unavailable else ""
+        out.print(f"coverage ({cov.policy}, threshold {cov.threshold}): {cov.counts}{note}", highlight=False)
 
     gallery_error = None
     try:
-        g = write_gallery(s["run_id"], store_url=store, artifact_root=artifacts, config=config, summaries=[s])
+        g = write_gallery(s.run_id, store_url=store, artifact_root=artifacts, config=config, summaries=[s])
         out.print(f"gallery: {g['gallery']}\nmanifest: {g['manifest']}\nMLflow: {g['mlflow']}"
                   + (f" (run {g['mlflow_run_id']})" if g.get("mlflow_run_id") else ""), highlight=False)
     except StorageUnavailable as e:  # the images and their rows are in place; only the run's record is missing
         gallery_error = f"manifest and gallery not written: {e} (later: pipeline.generation.gallery.write_gallery)"
-    for f in s["skipped"]:
-        out.print(f"skipped prompt {f['prompt_id']}: {escape(f['reason'])}", highlight=False)
-    for f in s["failed"]:
-        err.print(f"[red]failed[/] prompt {f['prompt_id']} ({f['kind']}): {escape(f['reason'])}", highlight=False)
-    if s["failed"]:
-        err.print(f"{len(s['failed'])} prompts failed; the others are done (rerun to retry transient failures, "
+    for f in s.skipped:
+        out.print(f"skipped prompt {f.prompt_id}: {escape(f.reason)}", highlight=False)
+    for f in s.failed:
+        err.print(f"[red]failed[/] prompt {f.prompt_id} ({f.kind}): {escape(f.reason)}", highlight=False)
+    if s.failed:
+        err.print(f"{len(s.failed)} prompts failed; the others are done (rerun to retry transient failures, "
                   "`diffuse prompts retry` for the rest)")
     if gallery_error:
         err.print(f"[red]error:[/] {escape(gallery_error)}", highlight=False)
-    if s["failed"] or gallery_error:
+    if s.failed or gallery_error:
         raise typer.Exit(1)
 
 

@@ -16,7 +16,7 @@ from prompt_db import postgres_database
 
 from pipeline.config import GenerationConfig
 from pipeline.errors import UserError
-from pipeline.generation.batch import generate_shard, pending_prompts, resolve_version, shard_of
+from pipeline.generation.batch import GeneratedBy, generate_shard, pending_prompts, resolve_version, shard_of
 from pipeline.generation.gallery import write_gallery
 from pipeline.generation.prompt_store import open_store, parse_prompt
 
@@ -79,9 +79,9 @@ def test_generate_once_then_rerun_adds_nothing(trained_tiny, tmp_path):
     a, b, c = add(url, {"text": SHAPE, "num_images": 3, "seed": 5}, {"text": OFF_DATA},
                   {"text": "a blue square (small) on the left, on black", "guidance": 2.0, "priority": 1})
     s = generate_shard(str(trained_tiny), config=cfg)
-    assert (s["prompts"], s["images"], s["done"], s["failed"], s["groups"]) == (3, 5, 3, [], 2)
-    assert s["batches"] == 2  # guidance 4 and guidance 2 cannot share a sampling call
-    assert s["model"]["name"] == "local" and s["model"]["version"].startswith("sha-")
+    assert (s.prompts, s.images, s.done, s.failed, s.groups) == (3, 5, 3, [], 2)
+    assert s.batches == 2  # guidance 4 and guidance 2 cannot share a sampling call
+    assert s.model.name == "local" and s.model.version.startswith("sha-")
     rows = outputs(url)
     assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [(a, 5), (a, 6), (a, 7), (b, 0), (c, 0)]
     assert_objects_complete(rows)
@@ -89,13 +89,13 @@ def test_generate_once_then_rerun_adds_nothing(trained_tiny, tmp_path):
     assert cov[a] == "in_span" and cov[b] == "outside_span"  # flagged, still generated (policy flag)
     assert {r["settings"]["guidance"] for r in rows if r["prompt_id"] == c} == {2.0}
     assert all(v == ("done", None) for v in statuses(url).values())
-    assert pending_prompts(url, "local", s["model"]["version"]) == []
+    assert pending_prompts(url, "local", s.model.version) == []
 
     # the record: manifest, summary, gallery (thumbnails embedded, coverage flags shown)
-    g = write_gallery(s["run_id"], config=cfg, summaries=[s])
+    g = write_gallery(s.run_id, config=cfg, summaries=[s])
     manifest = [json.loads(x) for x in Path(g["manifest"]).read_text().splitlines()]
     assert len(manifest) == 5 and {m["seed"] for m in manifest if m["prompt_id"] == a} == {5, 6, 7}
-    assert all(m["model_version"] == s["model"]["version"] and m["steps"] == 2 for m in manifest)
+    assert all(m["model_version"] == s.model.version and m["steps"] == 2 for m in manifest)
     page = Path(g["gallery"]).read_text()
     assert page.count("data:image/png;base64,") == 5 and "outside_span" in page and OFF_DATA in page
     assert g["mlflow"] == "skipped: tracking.enabled is false"
@@ -113,15 +113,15 @@ def test_generate_once_then_rerun_adds_nothing(trained_tiny, tmp_path):
 
     mtimes = {r["uri"]: Path(r["uri"]).stat().st_mtime_ns for r in rows}
     again = generate_shard(str(trained_tiny), config=cfg)
-    assert (again["prompts"], again["images"]) == (0, 0)
+    assert (again.prompts, again.images) == (0, 0)
     assert outputs(url) == rows
     assert {u: Path(u).stat().st_mtime_ns for u in mtimes} == mtimes  # nothing rewritten
 
     # a new prompt later: only it is generated
     (d,) = add(url, {"text": SHAPE, "seed": 99})
     third = generate_shard(str(trained_tiny), config=cfg)
-    assert (third["prompts"], third["images"]) == (1, 1) and len(outputs(url)) == 6
-    assert [r["prompt_id"] for r in outputs(url, run_id=third["run_id"])] == [d]
+    assert (third.prompts, third.images) == (1, 1) and len(outputs(url)) == 6
+    assert [r["prompt_id"] for r in outputs(url, run_id=third.run_id)] == [d]
 
 
 def test_bad_prompts_fail_alone_and_are_listed(trained_tiny, shapes_data, tmp_path):
@@ -157,10 +157,10 @@ def test_bad_prompts_fail_alone_and_are_listed(trained_tiny, shapes_data, tmp_pa
 
     # invalid prompts are not retried by every run (exit 0, nothing to do) -- until `prompts retry`
     again = generate_shard(str(trained_tiny), config=cfg)
-    assert (again["prompts"], again["failed"]) == (0, [])
+    assert (again.prompts, again.failed) == (0, [])
     r = run_cli("prompts", "retry", str(big), "-c", str(cfg), cwd=tmp_path)
     assert r.returncode == 0 and "1 prompts are pending again" in r.stdout
-    assert [f["prompt_id"] for f in generate_shard(str(trained_tiny), config=cfg)["failed"]] == [big]
+    assert [f.prompt_id for f in generate_shard(str(trained_tiny), config=cfg).failed] == [big]
 
 
 def test_shards_cover_everything_once_and_limit(trained_tiny, tmp_path):
@@ -170,11 +170,11 @@ def test_shards_cover_everything_once_and_limit(trained_tiny, tmp_path):
     first = generate_shard(str(trained_tiny), "0/3", config=cfg, limit=1)
     shard0 = [i for i in ids if shard_of(i, 3) == 0]
     best = max(shard0, key=lambda i: ((i - ids[0]) % 3, -i))  # highest priority, then oldest
-    assert (first["prompts"], [r["prompt_id"] for r in outputs(url)]) == (1, [best])
+    assert (first.prompts, [r["prompt_id"] for r in outputs(url)]) == (1, [best])
     seen = {}
     for k in range(3):
         s = generate_shard(str(trained_tiny), f"{k}/3", config=cfg)
-        for r in outputs(url, run_id=s["run_id"]):
+        for r in outputs(url, run_id=s.run_id):
             assert shard_of(r["prompt_id"], 3) == k
             seen.setdefault(r["prompt_id"], []).append(k)
     assert sorted(seen) == sorted(set(ids) - {best}) and all(len(v) == 1 for v in seen.values())
@@ -186,8 +186,8 @@ def test_coverage_policy_skip_and_data_not_available(trained_tiny, tmp_path):
     url = yaml.safe_load(cfg.read_text())["generation"]["store_url"]
     shape, dog = add(url, {"text": SHAPE}, {"text": OFF_DATA})
     s = generate_shard(str(trained_tiny), config=cfg)
-    assert s["images"] == 1 and s["failed"] == [] and [x["prompt_id"] for x in s["skipped"]] == [dog]
-    assert "outside the training data's span" in s["skipped"][0]["reason"]
+    assert s.images == 1 and s.failed == [] and [x.prompt_id for x in s.skipped] == [dog]
+    assert "outside the training data's span" in s.skipped[0].reason
     assert statuses(url)[dog][0] == "skipped" and statuses(url)[shape] == ("done", None)
 
     # the same weights, but its training data is elsewhere: coverage is recorded as not scored, never invented
@@ -200,7 +200,7 @@ def test_coverage_policy_skip_and_data_not_available(trained_tiny, tmp_path):
     url2 = yaml.safe_load(cfg2.read_text())["generation"]["store_url"]
     add(url2, {"text": OFF_DATA})
     s2 = generate_shard(str(moved), config=cfg2)
-    assert s2["images"] == 1 and s2["coverage"]["unavailable"].startswith("training data not available")
+    assert s2.images == 1 and s2.coverage.unavailable.startswith("training data not available")
     (row,) = outputs(url2)
     assert row["coverage"].startswith("skipped: training data not available") and "not-here" in row["coverage"]
 
@@ -214,18 +214,18 @@ def test_s3_artifact_store_and_a_failing_store(trained_tiny, tmp_path, monkeypat
     a, b = add(url, {"text": SHAPE, "num_images": 2}, {"text": OFF_DATA})
     # a bucket that does not exist: every write fails, each prompt is recorded failed, nothing is recorded done
     bad = generate_shard(str(trained_tiny), config=cfg, artifact_root="s3://no-such-bucket/gen")
-    assert bad["images"] == 0 and sorted(f["prompt_id"] for f in bad["failed"]) == [a, b]
-    assert all(f["kind"] == "transient" and "bucket does not exist" in f["reason"] for f in bad["failed"])
+    assert bad.images == 0 and sorted(f.prompt_id for f in bad.failed) == [a, b]
+    assert all(f.kind == "transient" and "bucket does not exist" in f.reason for f in bad.failed)
     assert outputs(url) == [] and statuses(url)[a][0] == "failed"
     # transient failures are retried by the next run
     root = f"s3://{s3srv.bucket}/gen"
     ok = generate_shard(str(trained_tiny), config=cfg, artifact_root=root)
-    assert (ok["images"], ok["failed"]) == (3, [])
+    assert (ok.images, ok.failed) == (3, [])
     rows = outputs(url)
     assert all(r["uri"].startswith(root + "/images/local/sha-") for r in rows)
     assert_objects_complete(rows, read=storage.read_bytes)
-    g = write_gallery(ok["run_id"], config=cfg, artifact_root=root)
-    assert g["gallery"] == f"{root}/runs/{ok['run_id']}/gallery.html"
+    g = write_gallery(ok.run_id, config=cfg, artifact_root=root)
+    assert g["gallery"] == f"{root}/runs/{ok.run_id}/gallery.html"
     page = storage.read_bytes(g["gallery"]).decode()
     assert page.count("data:image/png;base64,") == 3  # thumbnails read back from S3
     assert len(storage.read_bytes(g["manifest"]).decode().splitlines()) == 3
@@ -237,12 +237,12 @@ def test_postgres_store_end_to_end(trained_tiny, tmp_path):
         cfg = gen_config(tmp_path, store_url=url)
         ids = add(url, {"text": SHAPE, "num_images": 2}, {"text": OFF_DATA, "priority": 3})
         s = generate_shard(str(trained_tiny), config=cfg)
-        assert (s["images"], s["done"]) == (3, 2)
-        assert generate_shard(str(trained_tiny), config=cfg)["images"] == 0
+        assert (s.images, s.done) == (3, 2)
+        assert generate_shard(str(trained_tiny), config=cfg).images == 0
         rows = outputs(url)
         assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [(ids[0], 0), (ids[0], 1), (ids[1], 0)]
         assert_objects_complete(rows)
-        assert len(Path(write_gallery(s["run_id"], config=cfg)["manifest"]).read_text().splitlines()) == 3
+        assert len(Path(write_gallery(s.run_id, config=cfg)["manifest"]).read_text().splitlines()) == 3
 
 
 def test_registry_alias_resolved_once_and_gallery_logged_to_mlflow(trained_tiny, tmp_path, monkeypatch):
@@ -258,7 +258,7 @@ def test_registry_alias_resolved_once_and_gallery_logged_to_mlflow(trained_tiny,
     shutil.copytree(trained_tiny, run_dir / "model")
     shutil.copy(trained_tiny.parent / "config.yaml", run_dir / "config.yaml")
     ec = EvaluationConfig(num_items=2, num_prompts=2, shapes_scorer="off", steps=2)
-    assert register(run_dir, "tiny", tc, ec)["version"] == "1"
+    assert register(run_dir, "tiny", tc, ec).version == "1"
     promote("tiny", tc, ec, PromotionConfig(), force=True)
 
     cfg = gen_config(tmp_path, tracking=tracking)
@@ -270,22 +270,22 @@ def test_registry_alias_resolved_once_and_gallery_logged_to_mlflow(trained_tiny,
         "name": "tiny", "version": "1", "uri": "models:/tiny/1", "run_id": None}
     assert pending_prompts(url, "tiny", "1") == [1, 2]
     s = generate_shard("models:/tiny@champion", config=cfg)
-    assert s["model"] == {"name": "tiny", "version": "1", "uri": "models:/tiny/1", "requested": "models:/tiny@champion"}
+    assert s.model == GeneratedBy("tiny", "1", "models:/tiny/1", "models:/tiny@champion")
     rows = outputs(url)
     assert {(r["name"], r["version"]) for r in rows} == {("tiny", "1")} and len(rows) == 2
     assert all("/images/tiny/v1/" in r["uri"] for r in rows)
     assert pending_prompts(url, "tiny", "1") == []
 
-    g = write_gallery(s["run_id"], config=cfg, summaries=[s])
+    g = write_gallery(s.run_id, config=cfg, summaries=[s])
     client = MlflowClient(tracking["uri"])
     run = client.get_run(g["mlflow_run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "generation"
-    assert run.data.tags["generation_run_id"] == s["run_id"] and run.data.params["model_version"] == "1"
+    assert run.data.tags["generation_run_id"] == s.run_id and run.data.params["model_version"] == "1"
     assert run.data.metrics["images"] == 2 and run.data.metrics["outside_span"] == 1
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "generation")) == [
         "generation/gallery.html", "generation/manifest.jsonl", "generation/summary.json"]
     # writing the gallery again (an Airflow retry) updates the same MLflow run
-    assert write_gallery(s["run_id"], config=cfg)["mlflow_run_id"] == g["mlflow_run_id"]
+    assert write_gallery(s.run_id, config=cfg)["mlflow_run_id"] == g["mlflow_run_id"]
 
 
 # ------------------------------------------------------------------ prompts with a doodle
@@ -327,8 +327,8 @@ def test_doodle_prompts_are_generated_with_their_doodle_once(doodle_model, tmp_p
     square.unlink()  # the stored bytes are what the run uses
     tall.unlink()
     s = generate_shard(str(doodle_model.path), config=cfg)
-    assert (s["prompts"], s["images"], s["done"], s["failed"]) == (3, 4, 3, [])
-    assert (s["groups"], s["batches"]) == (2, 2)  # with and without a doodle; both doodle prompts share a batch
+    assert (s.prompts, s.images, s.done, s.failed) == (3, 4, 3, [])
+    assert (s.groups, s.batches) == (2, 2)  # with and without a doodle; both doodle prompts share a batch
     rows = outputs(url)
     assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [(a, 0), (a, 1), (plain, 0), (c, 0)]
     assert_objects_complete(rows)
@@ -346,8 +346,8 @@ def test_doodle_prompts_are_generated_with_their_doodle_once(doodle_model, tmp_p
     assert np.abs(made - sample(cond.unsqueeze(0))).max() <= 1
     assert np.abs(made - sample(None)).max() > 8
 
-    assert generate_shard(str(doodle_model.path), config=cfg)["images"] == 0  # exactly once
-    g = write_gallery(s["run_id"], config=cfg, summaries=[s])
+    assert generate_shard(str(doodle_model.path), config=cfg).images == 0  # exactly once
+    g = write_gallery(s.run_id, config=cfg, summaries=[s])
     manifest = [json.loads(x) for x in Path(g["manifest"]).read_text().splitlines()]
     assert sorted(m["prompt_id"] for m in manifest if m.get("doodle_sha256")) == [a, a, c]
     assert f"doodle {square_sha[:12]}" in Path(g["gallery"]).read_text()
@@ -359,10 +359,10 @@ def test_a_doodle_prompt_fails_alone_on_a_text_only_model(trained_tiny, tmp_path
     doodled, plain = add(url, {"text": SHAPE, "condition_image": str(_sketch(tmp_path / "d.png", (8, 8, 56, 56)))},
                          {"text": SHAPE, "num_images": 2})
     s = generate_shard(str(trained_tiny), config=cfg)
-    assert s["images"] == 2 and [(f["prompt_id"], f["kind"]) for f in s["failed"]] == [(doodled, "invalid")]
-    assert "trained without a condition image" in s["failed"][0]["reason"]
+    assert s.images == 2 and [(f.prompt_id, f.kind) for f in s.failed] == [(doodled, "invalid")]
+    assert "trained without a condition image" in s.failed[0].reason
     st = statuses(url)
     assert st[plain] == ("done", None) and st[doodled][0] == "failed"
     assert "trained without a condition image" in st[doodled][1]
     assert sorted((r["prompt_id"], r["seed"]) for r in outputs(url)) == [(plain, 0), (plain, 1)]
-    assert generate_shard(str(trained_tiny), config=cfg)["prompts"] == 0  # blocking for this version: not retried
+    assert generate_shard(str(trained_tiny), config=cfg).prompts == 0  # blocking for this version: not retried

@@ -67,10 +67,10 @@ def test_sigkill_mid_run_then_resume(trained_tiny, tmp_path):
 
     gen_config(tmp_path, batch_size=8)  # the rerun batches differently: the images must not change
     resumed = generate_shard(str(trained_tiny), config=cfg)
-    assert resumed["failed"] == []
-    assert resumed["images"] == len(expected) - len(at_kill)  # nothing made twice, nothing lost
+    assert resumed.failed == []
+    assert resumed.images == len(expected) - len(at_kill)  # nothing made twice, nothing lost
     finished = {pid for pid in ids if sum(r["prompt_id"] == pid for r in at_kill) == 2}  # not pending any more
-    assert resumed["images_already_done"] == len(at_kill) - 2 * len(finished)
+    assert resumed.images_already_done == len(at_kill) - 2 * len(finished)
     rows = outputs(url)
     assert sorted((r["prompt_id"], r["seed"]) for r in rows) == expected  # each exactly once
     for r in rows:
@@ -78,7 +78,7 @@ def test_sigkill_mid_run_then_resume(trained_tiny, tmp_path):
     pngs = sorted(p for p in (tmp_path / "out" / "images").rglob("*.png"))
     assert len(pngs) == len(expected)  # no stray images either
     assert set(statuses(url).values()) == {("done", None)}
-    assert generate_shard(str(trained_tiny), config=cfg)["images"] == 0
+    assert generate_shard(str(trained_tiny), config=cfg).images == 0
 
     # images from the killed process and from the resumed one equal a fresh, differently batched generation
     from PIL import Image

@@ -97,17 +97,17 @@ def test_add_import_and_pending(store_url, tmp_path):  # noqa: F811
                      '{"text": "bad", "sampler": "euler"}\n'
                      '["a list"]\n')
     r = import_file(store, jsonl, GC)
-    assert r["added"] == 1
-    assert [(x["line"], x["reason"].split(" (")[0]) for x in r["rejected"]] == [
+    assert r.added == 1
+    assert [(x.line, x.reason.split(" (")[0]) for x in r.rejected] == [
         (2, "not JSON"), (4, "empty prompt"), (5, "unknown sampler 'euler': choose one of dpmpp, ddim, ddpm"),
         (6, "not a JSON object")]
     csv = tmp_path / "p.csv"
     csv.write_text("text,guidance,num_images,priority\nfrom csv,2.5,,1\n,4,1,0\n")
     r2 = import_file(store, csv, GC)
-    assert r2["added"] == 1 and [x["line"] for x in r2["rejected"]] == [3]
-    (jl,) = store.prompts(r["ids"])
+    assert r2.added == 1 and [x.line for x in r2.rejected] == [3]
+    (jl,) = store.prompts(r.ids)
     assert (jl.steps, jl.seed, jl.num_images, jl.seeds()) == (3, 10, 2, [10, 11])
-    (cs,) = store.prompts(r2["ids"])
+    (cs,) = store.prompts(r2.ids)
     assert (cs.guidance, cs.num_images, cs.priority, cs.steps) == (2.5, 1, 1, 7)
 
     # pending: highest priority first, then oldest
@@ -245,17 +245,17 @@ def test_import_with_doodles_rejects_only_the_bad_records(store_url, tmp_path): 
                      '{"text": "no doodle"}\n')
     store = open_store(store_url)
     r = import_file(store, jsonl, GC)
-    assert r["added"] == 2
-    assert [(x["line"], x["reason"].split(" (")[0]) for x in r["rejected"]] == [
+    assert r.added == 2
+    assert [(x.line, x.reason.split(" (")[0]) for x in r.rejected] == [
         (2, f"doodle not found: {d / 'sketches' / 'missing.png'}"),
         (3, f"doodle {d / 'sketches' / 'broken.png'} is not a readable image")]
-    square, plain = store.prompts(r["ids"])
+    square, plain = store.prompts(r.ids)
     assert square.condition_image == (d / "sketches" / "square.png").read_bytes() and plain.condition_image is None
     csv = d / "p.csv"
     csv.write_text("text,condition_image\nfrom csv,sketches/square.png\nplain csv,\n")
     r2 = import_file(store, csv, GC)
-    assert r2["added"] == 2 and r2["rejected"] == []
-    assert [p.condition_sha256 is not None for p in store.prompts(r2["ids"])] == [True, False]
+    assert r2.added == 2 and r2.rejected == []
+    assert [p.condition_sha256 is not None for p in store.prompts(r2.ids)] == [True, False]
     store.close()
 
 

@@ -5,7 +5,7 @@ The functions Airflow tasks call (each takes and returns plain strings / JSON-ab
     resolve_version(model_uri, config=None) -> {"name", "version", "uri", "run_id"}
     pending_prompts(store_url, model_name, version) -> [prompt id, ...]
     generate_shard(model_uri, shard="0/1", store_url=None, artifact_root=None, run_id=None, limit=None,
-                   config=None, device="cpu") -> summary dict
+                   config=None, device="cpu") -> ShardSummary
 
 and pipeline/generation/gallery.py writes the run's record: write_gallery(run_id, ...) -> {"manifest", "gallery", ...}
 
@@ -53,6 +53,54 @@ from pipeline.registry.model_uri import resolve_model, version_label
 
 log = logging.getLogger(__name__)
 LOCAL_MODEL_NAME = "local"
+
+
+# ------------------------------------------------------------------ what a run reports
+
+
+@dataclass(frozen=True)
+class PromptFailure:
+    prompt_id: int
+    text: str  # the prompt, cut to 200 characters
+    kind: str  # invalid | transient | error | skipped (by the coverage policy)
+    reason: str
+
+
+@dataclass(frozen=True)
+class GeneratedBy:
+    name: str  # registered model name, or "local" for a model directory
+    version: str  # registry version, or the content hash of a local model
+    uri: str  # what every shard of the run loads: models:/NAME/VERSION or the directory
+    requested: str  # what was asked for, e.g. models:/NAME@champion
+
+
+@dataclass(frozen=True)
+class CoverageSummary:
+    counts: dict[str, int]  # in_span / outside_span / not scored -> prompts
+    threshold: float
+    policy: str
+    unavailable: str | None  # why prompts could not be scored, if they could not
+
+
+@dataclass
+class ShardSummary:
+    run_id: str
+    model: GeneratedBy
+    shard: str  # I/N
+    store: str
+    artifact_root: str
+    prompts: int = 0  # pending prompts of this shard taken in this run
+    images: int = 0  # images made now
+    images_already_done: int = 0  # images of those prompts a run before had made
+    done: int = 0  # prompts with all their images now
+    failed: list[PromptFailure] = field(default_factory=list)
+    skipped: list[PromptFailure] = field(default_factory=list)
+    coverage: CoverageSummary | None = None
+    batches: int = 0
+    groups: int = 0  # of compatible settings (one sampling call can serve each)
+    seconds: float = 0.0
+    sample_seconds: float = 0.0
+    images_per_second: float = 0.0
 
 
 # ------------------------------------------------------------------ model and shard
@@ -238,8 +286,8 @@ class _Run:
     def __init__(self, store, art, model: ModelRef, loaded, gc: GenerationConfig, run_id: str, device: str):
         self.store, self.art, self.model, self.loaded, self.gc = store, art, model, loaded, gc
         self.run_id, self.device = run_id, device
-        self.failed: list[dict] = []
-        self.skipped: list[dict] = []
+        self.failed: list[PromptFailure] = []
+        self.skipped: list[PromptFailure] = []
         self.images = 0
         self.sample_seconds = 0.0
 
@@ -247,7 +295,7 @@ class _Run:
         p = job.prompt
         blocking = kind in ("invalid", "skipped")
         self.store.record_failure(p.id, self.model.name, self.model.version, self.run_id, kind, reason, blocking)
-        rec = {"prompt_id": p.id, "text": p.text[:200], "kind": kind, "reason": reason}
+        rec = PromptFailure(p.id, p.text[:200], kind, reason)
         (self.skipped if kind == "skipped" else self.failed).append(rec)
         job.failed = True
         log.warning("prompt %d %s: %s", p.id, "skipped" if kind == "skipped" else "failed", reason)
@@ -332,7 +380,7 @@ class _Run:
 
 def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, store_url: str | None = None,
                    artifact_root: str | None = None, run_id: str | None = None, limit: int | None = None,
-                   config: str | Path | None = None, device: str = "cpu") -> dict:
+                   config: str | Path | None = None, device: str = "cpu") -> ShardSummary:
     """Generate the missing images of this shard's pending prompts with one model version; returns a summary.
 
     model_uri: models:/NAME@ALIAS (resolved here, once), models:/NAME/VERSION, or a local model directory.
@@ -351,19 +399,15 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
     store = open_store(default_store(gc, store_url))
     art = ArtifactStore(artifact_root or gc.artifact_root, gc.retries, gc.backoff_seconds)
     model = resolve(model_uri, config)
-    summary = {"run_id": run_id, "model": {"name": model.name, "version": model.version, "uri": model.uri,
-                                           "requested": str(model_uri)},
-               "shard": f"{i}/{n}", "store": store.url, "artifact_root": art.root, "prompts": 0, "images": 0,
-               "images_already_done": 0, "done": 0, "failed": [], "skipped": [], "coverage": {}, "batches": 0,
-               "groups": 0}
+    summary = ShardSummary(run_id, GeneratedBy(model.name, model.version, model.uri, str(model_uri)), f"{i}/{n}",
+                           store.url, art.root)
     ids = [pid for pid in store.pending(model.name, model.version) if shard_of(pid, n) == i]
     if limit is not None:
         ids = ids[:limit]
-    summary["prompts"] = len(ids)
+    summary.prompts = len(ids)
     if not ids:
         store.close()
-        summary["seconds"] = round(time.perf_counter() - t_start, 2)
-        summary["images_per_second"] = 0.0
+        summary.seconds = round(time.perf_counter() - t_start, 2)
         return summary
 
     loaded = load_model(model.model_dir, device)
@@ -374,7 +418,7 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
     for pid in ids:  # priority order
         p = prompts[pid]
         seeds = [s for s in p.seeds() if s not in have[pid]]
-        summary["images_already_done"] += p.num_images - len(seeds)
+        summary.images_already_done += p.num_images - len(seeds)
         jobs.append(Job(p, seeds, remaining=set(seeds)))
 
     # bad prompts fail here, before any sampling; the rest go on
@@ -413,8 +457,7 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
                      f"{cov_cfg.threshold} (nearest caption: {nearest!r}); generation.coverage_policy is skip")
             continue
         todo.append(job)
-    summary["coverage"] = {"counts": dict(counts), "threshold": cov_cfg.threshold, "policy": gc.coverage_policy,
-                           "unavailable": guard.unavailable}
+    summary.coverage = CoverageSummary(dict(counts), cov_cfg.threshold, gc.coverage_policy, guard.unavailable)
 
     groups: dict[tuple, list[tuple[Job, int]]] = defaultdict(list)
     for job in todo:
@@ -424,7 +467,7 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
         groups[_group_key(job.prompt, loaded.spec.resolution)].extend((job, s) for s in job.seeds)
     batches = [(k, items[b:b + gc.batch_size]) for k, items in groups.items()
                for b in range(0, len(items), gc.batch_size)]
-    summary.update(batches=len(batches), groups=len(groups))
+    summary.batches, summary.groups = len(batches), len(groups)
     log.info("run %s: %d prompts, %d images to make in %d batches (%d groups of compatible settings)", run_id,
              len(todo), sum(len(b) for _, b in batches), len(batches), len(groups))
     for k, (key, items) in enumerate(batches, 1):
@@ -434,8 +477,8 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
 
     store.close()
     elapsed = time.perf_counter() - t_start
-    summary.update({"images": run.images, "failed": run.failed, "skipped": run.skipped,
-                    "done": sum(1 for j in todo if not j.failed and not j.remaining),
-                    "seconds": round(elapsed, 2), "sample_seconds": round(run.sample_seconds, 2),
-                    "images_per_second": round(run.images / elapsed, 3) if elapsed > 0 else 0.0})
+    summary.images, summary.failed, summary.skipped = run.images, run.failed, run.skipped
+    summary.done = sum(1 for j in todo if not j.failed and not j.remaining)
+    summary.seconds, summary.sample_seconds = round(elapsed, 2), round(run.sample_seconds, 2)
+    summary.images_per_second = round(run.images / elapsed, 3) if elapsed > 0 else 0.0
     return summary

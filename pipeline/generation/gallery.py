@@ -8,6 +8,7 @@ MLflow's artifact view or a downloaded file) and links to the full-size object.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import logging
@@ -74,10 +75,11 @@ def render_html(run_id: str, rows: list[dict], failures: list[dict], thumbs: dic
 
 
 def write_gallery(run_id: str, *, store_url: str | None = None, artifact_root: str | None = None,
-                  config: str | Path | None = None, summaries: list[dict] | None = None,
+                  config: str | Path | None = None, summaries: list | None = None,
                   log_mlflow: bool = True) -> dict:
     """Manifest + summary + HTML gallery of run RUN_ID into ARTIFACT_ROOT/runs/RUN_ID/, logged to MLflow.
-    `summaries`: the generate_shard results of the run's shards (adds timings to the record), optional."""
+    `summaries`: the run's shards as generate_shard reported them (ShardSummary, or its fields as a dict the way
+    an Airflow task passes them on): their timings go into the record. Optional."""
     cfg_path = Path(config) if config else None
     gc = load_section(cfg_path, "generation", GenerationConfig)
     store = open_store(default_store(gc, store_url))
@@ -96,7 +98,7 @@ def write_gallery(run_id: str, *, store_url: str | None = None, artifact_root: s
             thumbs[r["image_uri"]] = thumbnail_uri(art.read(r["image_uri"]), gc.thumbnail_px)
         except Exception as e:  # the gallery still lists it, and says so
             log.warning("gallery: cannot read %s (%s)", r["image_uri"], e)
-    summaries = summaries or []
+    summaries = [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in summaries or []]
     seconds = sum(s.get("seconds", 0) for s in summaries)
     summary = {"run_id": run_id, "images": len(rows), "prompts": len({r["prompt_id"] for r in rows}),
                "failed": sum(f["kind"] != "skipped" for f in failures),

@@ -9,6 +9,7 @@ versions, URIs, metrics) for the next. Every function runs inside the workspace 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -121,16 +122,15 @@ def register(plan: dict, params: dict) -> dict:
     tc, ec, _ = _sections(params["config"])
     with in_workspace():
         reg = register_run(plan["run_dir"], params["model_name"], tc, ec, report=load_report(plan["evaluation"]))
-    return {"name": reg["name"], "version": reg["version"], "created": reg["created"]}
+    return {"name": reg.name, "version": reg.version, "created": reg.created}
 
 
 def promote(registered: dict, params: dict) -> dict:
     tc, ec, pc = _sections(params["config"])
     with in_workspace():
         decision = promote_challenger(registered["name"], tc, ec, pc)
-    champion = decision.get("version") if decision["decision"] == "promoted" else decision.get("champion_before")
-    return {"name": registered["name"], "challenger": registered["version"], "decision": decision["decision"],
-            "champion": champion, "reasons": decision.get("reasons", [])}
+    return {"name": registered["name"], "challenger": registered["version"], "decision": decision.decision,
+            "champion": decision.champion_after, "reasons": decision.reasons}
 
 
 def champion_event(decision: dict) -> dict:
@@ -163,8 +163,9 @@ def generate(shard: str, model: dict, params: dict) -> dict:
     with in_workspace():
         summary = generate_shard(model["uri"], shard, run_id=model["generation_run"], limit=params["limit"],
                                  config=str(config_path(params["config"])))
-    return {k: summary[k] for k in ("run_id", "shard", "prompts", "images", "images_already_done", "done", "failed",
-                                    "seconds")}
+    record = dataclasses.asdict(summary)  # what the collect task reads (XCom carries JSON)
+    return {k: record[k] for k in ("run_id", "shard", "prompts", "images", "images_already_done", "done", "failed",
+                                   "seconds")}
 
 
 def collect(summaries: list[dict], model: dict, params: dict) -> dict:

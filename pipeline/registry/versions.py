@@ -1,9 +1,9 @@
 """The MLflow model registry: register versions with their evaluation and a model card, and move the `champion`
 alias through a promotion gate (or back, on rollback).
 
-    register(run_dir, name, tc, ec) -> dict(name, version, created, run_id, metrics)
-    promote(name, tc, ec, pc, force=False) -> dict(decision, version, champion_before, reasons, ...)
-    rollback(name, tc, to=None) -> dict(name, from_version, to_version)
+    register(run_dir, name, tc, ec) -> Registration
+    promote(name, tc, ec, pc, force=False) -> Promotion
+    rollback(name, tc, to=None) -> Rollback
 
 Aliases: `challenger` = the latest registered version; `champion` = the one that serves. Every decision and its
 reasons are tags on the version (promotion.*, rollback.*); the registered model's `champion_history` tag lists
@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from mlflow.entities import Metric, RunTag
@@ -29,12 +31,41 @@ from pipeline.registry.model_uri import registry_version, resolve_model
 from pipeline.registry.tracking import log_only
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    created: bool  # False: the run was registered before, as this version
+    run_id: str
+    metrics: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    decision: Literal["promoted", "rejected", "forced", "unchanged"]
+    version: str  # the challenger
+    champion_before: str | None
+    champion_after: str | None
+    reasons: list[str]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # challenger / champion -> metrics
+
+
+@dataclass(frozen=True)
+class Rollback:
+    name: str
+    from_version: str
+    to_version: str
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
 # ------------------------------------------------------------------ register
 
 
-def register(run_dir: Path, name: str, tc: TrackingConfig, ec: EvaluationConfig, report: dict | None = None) -> dict:
+def register(run_dir: Path, name: str, tc: TrackingConfig, ec: EvaluationConfig,
+             report: dict | None = None) -> Registration:
     """Register RUN_DIR's model as a new version of NAME (alias challenger), evaluated under the protocol `ec`
     (or with `report`, the result of evaluate(RUN_DIR/model, ec) already computed, e.g. by the DAG's evaluate
     task). A run that already has a version of NAME is not registered again."""
@@ -53,8 +84,8 @@ def register(run_dir: Path, name: str, tc: TrackingConfig, ec: EvaluationConfig,
                             "search model versions")
     if existing:
         mv = min(existing, key=lambda v: int(v.version))
-        return {"name": name, "version": str(mv.version), "created": False, "run_id": run_id,
-                "metrics": {k.removeprefix("eval."): v for k, v in mv.tags.items() if k.startswith("eval.")}}
+        return Registration(name, str(mv.version), False, run_id,
+                            {k.removeprefix("eval."): v for k, v in mv.tags.items() if k.startswith("eval.")})
 
     report = report or evaluate(run_dir / "model", ec)
     log_evaluation(client, run_id, report)
@@ -71,8 +102,7 @@ def register(run_dir: Path, name: str, tc: TrackingConfig, ec: EvaluationConfig,
     client.log_text(run_id, card + inline_grid(report), f"model_card/{name}-v{mv.version}.md")
     client.update_model_version(name, mv.version, description=card)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    return {"name": name, "version": str(mv.version), "created": True, "run_id": run_id,
-            "metrics": report["metrics"], "skipped": report["skipped"]}
+    return Registration(name, str(mv.version), True, run_id, report["metrics"], report["skipped"])
 
 
 def log_evaluation(client, run_id: str, report: dict) -> None:
@@ -136,7 +166,7 @@ def _history(rm) -> list[str]:
 
 
 def promote(name: str, tc: TrackingConfig, ec: EvaluationConfig, pc: PromotionConfig, force: bool = False,
-            cache_dir: Path | None = None) -> dict:
+            cache_dir: Path | None = None) -> Promotion:
     """Evaluate challenger and champion under one protocol; move `champion` only when the gate passes."""
     client, _ = connect(tc)
     store = tracking_uri(tc)
@@ -145,8 +175,7 @@ def promote(name: str, tc: TrackingConfig, ec: EvaluationConfig, pc: PromotionCo
     champion_version = (rm.aliases or {}).get(CHAMPION)
     cv = str(challenger.version)
     if champion_version is not None and str(champion_version) == cv:
-        return {"name": name, "decision": "unchanged", "version": cv, "champion_before": cv,
-                "reasons": [f"version {cv} is already the champion"]}
+        return Promotion(name, "unchanged", cv, cv, cv, [f"version {cv} is already the champion"])
 
     results: dict[str, dict] = {}
     if force:
@@ -192,12 +221,12 @@ def promote(name: str, tc: TrackingConfig, ec: EvaluationConfig, pc: PromotionCo
             history.append(str(champion_version))
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [cv]))
     client.set_registered_model_tag(name, "last_promotion", f"{now} v{cv}: {decision}")
-    return {"name": name, "decision": decision, "version": cv, "champion_before": champion_version,
-            "champion_after": cv if passed else champion_version, "reasons": reasons,
-            "metrics": {k: r["metrics"] for k, r in results.items()}}
+    before = None if champion_version is None else str(champion_version)
+    return Promotion(name, decision, cv, before, cv if passed else before, reasons,
+                     {k: r["metrics"] for k, r in results.items()})
 
 
-def rollback(name: str, tc: TrackingConfig, to: str | None = None) -> dict:
+def rollback(name: str, tc: TrackingConfig, to: str | None = None) -> Rollback:
     """Point `champion` back at the previous champion (or at version `to`)."""
     client, _ = connect(tc)
     current = registry_version(client, name, CHAMPION, None)
@@ -222,4 +251,4 @@ def rollback(name: str, tc: TrackingConfig, to: str | None = None) -> dict:
     client.set_model_version_tag(name, target, "rollback.restored_from", f"{now}: v{cur}")
     client.set_model_version_tag(name, cur, "rollback.rolled_back", f"{now}: champion moved to v{target}")
     client.set_registered_model_tag(name, "last_promotion", f"{now} rollback v{cur} -> v{target}")
-    return {"name": name, "from_version": cur, "to_version": target}
+    return Rollback(name, cur, target)

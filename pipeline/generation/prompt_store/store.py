@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import import_module
 from pathlib import Path
@@ -430,6 +431,22 @@ def _read_records(path: Path) -> list[tuple[int, dict | str]]:
     raise UserError(f"{path}: unknown prompt file type {suffix or '(none)'}; use .jsonl or .csv")
 
 
+@dataclass(frozen=True)
+class Rejected:
+    line: int  # in the file (the CSV header is line 1)
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    ids: list[int]  # of the prompts added, in file order
+    rejected: list[Rejected]
+
+    @property
+    def added(self) -> int:
+        return len(self.ids)
+
+
 def import_file(store: PromptStore, path: Path, gc: GenerationConfig) -> dict:
     """Add every good record of a JSONL/CSV file (fields: see PromptIn; a condition_image path is relative to the
     file); a bad record (an unreadable doodle too) is reported with its line number and left out, the rest are
@@ -437,17 +454,17 @@ def import_file(store: PromptStore, path: Path, gc: GenerationConfig) -> dict:
     good, rejected = [], []
     for line, rec in _read_records(Path(path)):
         if isinstance(rec, str):
-            rejected.append({"line": line, "reason": rec})
+            rejected.append(Rejected(line, rec))
             continue
         try:
             row = parse_prompt(rec, gc, base_dir=Path(path).parent)  # doodle paths are relative to the file
         except UserError as e:
-            rejected.append({"line": line, "reason": str(e)})
+            rejected.append(Rejected(line, str(e)))
             continue
         why = problems(row, gc)
         if why:
-            rejected.append({"line": line, "reason": why})
+            rejected.append(Rejected(line, why))
         else:
             good.append(row)
     ids = store.add(good) if good else []
-    return {"added": len(ids), "ids": ids, "rejected": rejected}
+    return ImportResult(ids, rejected)
