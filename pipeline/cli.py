@@ -84,8 +84,9 @@ def needs_extra(extra: str, command: str):
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in EXTRA_PACKAGES[extra]:
             raise
-        raise UserError(f"`{command}` needs the `{extra}` extra ({e.name} is not installed): "
-                        f"pip install 'diffuse-pipeline[{extra}]'") from None
+        raise UserError(f"`{command}` needs the `{extra}` extra ({e.name} is not installed): pip install "
+                        f"'diffuse-pipeline[{extra}]' (in a checkout: pip install -c constraints.txt '.[{extra}]')"
+                        ) from None
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -129,8 +130,8 @@ def data_doodle(
     import numpy as np
     from PIL import Image
 
-    from pipeline.data.doodle import doodle_from_image, open_image
-    from pipeline.images import to_square
+    from pipeline.data.doodle import doodle_from_image
+    from pipeline.images import open_image, to_square
 
     rgb = np.asarray(to_square(open_image(image), resolution), dtype=np.uint8)
     try:
@@ -358,8 +359,8 @@ def sample(
     out_dir: Path = typer.Option(Path("samples"), "--out", help="where PNGs and grid.png go"),
 ):
     """Generate images from text (txt2img), from text + an image (img2img) or from text + a doodle."""
-    from pipeline.data.doodle import load_doodle, open_image
-    from pipeline.images import condition_tensor, grid, image_to_tensor, save_pngs
+    from pipeline.data.doodle import load_doodle
+    from pipeline.images import condition_tensor, grid, image_to_tensor, open_image, save_pngs
     from pipeline.model.folder import load_model
     from pipeline.model.sampling import generate
 

@@ -312,8 +312,8 @@ def _pixels(uri: str):
 def test_doodle_prompts_are_generated_with_their_doodle_once(doodle_model, tmp_path):
     import numpy as np
 
-    from pipeline.data.doodle import load_doodle, open_image
-    from pipeline.images import condition_tensor
+    from pipeline.data.doodle import load_doodle
+    from pipeline.images import condition_tensor, open_image
     from pipeline.model.sampling import generate
 
     cfg = gen_config(tmp_path, image_guidance=2.0)

@@ -17,6 +17,11 @@ from importlib import import_module
 from pathlib import Path
 from typing import get_args
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import make_url
@@ -24,9 +29,9 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, Ope
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.config import GenerationConfig
-from pipeline.data.doodle import open_image
 from pipeline.errors import UserError
 from pipeline.generation.prompt_store.models import DONE, FAILED, PENDING, SKIPPED, STATUSES, Failure, Output, Prompt
+from pipeline.images import open_image
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -138,8 +143,6 @@ def problems(p: dict, gc: GenerationConfig) -> str | None:
 
 
 def alembic_config(connection=None):
-    from alembic.config import Config
-
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -195,11 +198,6 @@ def _migration_lock(engine):
 
 def migrate(engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Upgrade the schema to `revision` (default: the newest). Returns (revision before, revision after)."""
-    from alembic import command
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-    from alembic.util.exc import CommandError
-
     script = ScriptDirectory.from_config(alembic_config())
     target = script.get_current_head() if revision == "head" else revision
 
