@@ -158,7 +158,7 @@ def test_doodle_scoring_measures_how_well_images_follow_their_doodles():
     """The scorer on known images: the images the doodles were drawn from follow them (IoU = the reference, colour and
     shape right), blank images follow nothing, and images swapped between items score lower."""
     items = shapes.doodle_eval_items(per_pair=1, resolution=16)
-    sources = torch.stack([torch.from_numpy(np.asarray(shapes.render(spec, 16))).permute(2, 0, 1)
+    sources = torch.stack([torch.from_numpy(np.array(shapes.render(spec, 16))).permute(2, 0, 1)
                            for spec, _, _ in items])
     faithful = score_doodles(items, sources, 16)["all"]
     assert faithful["n"] == 18 and faithful["iou"] == faithful["iou_of_source_image"] > 0.5
