@@ -2,7 +2,8 @@
 
 resolve champion (once: every shard uses the same version) -> list pending prompts -> split into shards ->
 mapped generate tasks (one per shard; a failed shard retries alone) -> collect -> manifest, gallery, MLflow.
-What each task does: pipeline/orchestration/tasks.py (imported when a task runs, so parsing this file stays cheap).
+What each task does: pipeline/orchestration/generation_tasks.py
+(imported when a task runs, so parsing this file stays cheap).
 """
 
 from __future__ import annotations
@@ -31,26 +32,26 @@ from pipeline.orchestration.dag_common import DAG_DEFAULTS, MODEL_ASSET, SETTING
 def batch_generate():
     @task
     def resolve_champion() -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import generation_tasks as tasks
 
         return tasks.resolve_champion(get_current_context()["params"])
 
     @task
     def split(model: dict) -> list[str]:
         """The shards that have pending prompts for this version (none: nothing to do, the rest is skipped)."""
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import generation_tasks as tasks
 
         return tasks.split(model, get_current_context()["params"])
 
     @task(execution_timeout=timedelta(hours=6))
     def generate(shard: str, model: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import generation_tasks as tasks
 
         return tasks.generate(shard, model, get_current_context()["params"])
 
     @task
     def collect(summaries: list[dict], model: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import generation_tasks as tasks
 
         return tasks.collect(summaries, model, get_current_context()["params"])
 

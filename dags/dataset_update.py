@@ -1,8 +1,8 @@
 """dataset_update: ingest -> validate (Great Expectations gate) -> DVC add + push -> dataset Asset event.
 
 Trigger it with a source (imagefolder, CSV, WebDataset .tar folder or s3:// prefix); `retrain` follows the
-Asset event it emits. What each task does: pipeline/orchestration/tasks.py (imported when a task runs, so parsing
-this file stays cheap).
+Asset event it emits. What each task does: pipeline/orchestration/dataset_tasks.py
+(imported when a task runs, so parsing this file stays cheap).
 """
 
 from __future__ import annotations
@@ -27,19 +27,19 @@ from pipeline.orchestration.dag_common import DAG_DEFAULTS, DATASET_ASSET, SETTI
 def dataset_update():
     @task
     def ingest() -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import dataset_tasks as tasks
 
         return tasks.ingest(get_current_context()["params"])
 
     @task(retries=0)  # a failed gate is a verdict on the data, not a transient fault
     def validate(prepared: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import dataset_tasks as tasks
 
         return tasks.validate(prepared, get_current_context()["params"])
 
     @task(outlets=[DATASET_ASSET])
     def version(prepared: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import dataset_tasks as tasks
 
         result = tasks.version(prepared)
         event = {k: result[k] for k in ("dataset", "version", "dvc_md5")}

@@ -2,7 +2,8 @@
 
 DVC pull -> validation gate -> train (local subprocess, Docker or Kubernetes GPU job: $DIFFUSE_RUNNER_KIND)
 -> evaluate -> register as `challenger` -> promotion gate -> model Asset event when `champion` changed.
-What each task does: pipeline/orchestration/tasks.py (imported when a task runs, so parsing this file stays cheap).
+What each task does: pipeline/orchestration/retrain_tasks.py
+(imported when a task runs, so parsing this file stays cheap).
 """
 
 from __future__ import annotations
@@ -37,21 +38,21 @@ def retrain():
     @task
     def pull() -> dict:
         """The dataset version to train on, fetched from the DVC remote."""
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import retrain_tasks as tasks
 
         ctx = get_current_context()
         return tasks.pull(ctx["params"], ctx["run_id"])
 
     @task(retries=0)  # a failed gate is a verdict on the data, not a transient fault
     def gate(plan: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import retrain_tasks as tasks
 
         return tasks.gate(plan)
 
     if RUNNER.kind == "local":
         @task(execution_timeout=TRAIN_TIMEOUT)
         def train(plan: dict) -> dict:
-            from pipeline.orchestration import tasks
+            from pipeline.orchestration import retrain_tasks as tasks
 
             return tasks.train_locally(plan, get_current_context()["params"])
 
@@ -81,19 +82,19 @@ def retrain():
 
     @task
     def evaluate(plan: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import retrain_tasks as tasks
 
         return tasks.evaluate(plan, get_current_context()["params"])
 
     @task
     def register(plan: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import retrain_tasks as tasks
 
         return tasks.register(plan, get_current_context()["params"])
 
     @task
     def promote(registered: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import retrain_tasks as tasks
 
         return tasks.promote(registered, get_current_context()["params"])
 
@@ -103,7 +104,7 @@ def retrain():
 
     @task(outlets=[MODEL_ASSET])
     def publish(decision: dict) -> dict:
-        from pipeline.orchestration import tasks
+        from pipeline.orchestration import retrain_tasks as tasks
 
         event = tasks.champion_event(decision)
         get_current_context()["outlet_events"][MODEL_ASSET].extra = event

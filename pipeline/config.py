@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,6 +39,7 @@ class DataConfig(_Strict):
 
 
 SAMPLING = SamplingConfig()  # the defaults, for code that samples without a config file
+SAMPLERS: tuple[str, ...] = get_args(SamplingConfig.model_fields["sampler"].annotation)
 
 
 class IngestConfig(_Strict):
@@ -430,25 +431,21 @@ def load_section(path: Path | None, section: str, model: type[BaseModel]):
 
 def _set(raw: dict, dotted: str, value) -> None:
     """raw[a][b][c] = value for "a.b.c"; a number indexes a list (train.cycles.1.steps)."""
+
+    def key(node, part: str):
+        if not isinstance(node, list):
+            return part
+        if not part.isdigit() or int(part) >= len(node):
+            raise UserError(f"--set {dotted}: {part!r} is not an index of that list (0..{len(node) - 1})")
+        return int(part)
+
     node = raw
     *parents, leaf = dotted.split(".")
     for p in parents:
-        if isinstance(node, list):
-            try:
-                node = node[int(p)]
-            except (ValueError, IndexError):
-                raise UserError(f"--set {dotted}: {p!r} is not an index of that list (0..{len(node) - 1})") from None
-        else:
-            node = node.setdefault(p, {})
-    if isinstance(node, list):
-        try:
-            node[int(leaf)] = value
-        except (ValueError, IndexError):
-            raise UserError(f"--set {dotted}: {leaf!r} is not an index of that list (0..{len(node) - 1})") from None
-    elif isinstance(node, dict):
-        node[leaf] = value
-    else:
-        raise UserError(f"--set {dotted}: {'.'.join(parents)} is a value, not a section")
+        node = node[key(node, p)] if isinstance(node, list) else node.setdefault(p, {})
+        if not isinstance(node, dict | list):
+            raise UserError(f"--set {dotted}: {p} is a value, not a section")
+    node[key(node, leaf)] = value
 
 
 def _validate(raw: dict, source: str) -> Config:
@@ -538,7 +535,7 @@ def from_environment(model: type[BaseModel], prefix: str, env: dict[str, str] | 
         name = key[len(prefix):].lower()
         if name not in fields and not exclusive:
             continue
-        is_list = name in fields and "list" in str(fields[name].annotation)
+        is_list = name in fields and get_origin(fields[name].annotation) is list
         raw[name] = [v for v in value.split(",") if v] if is_list else value
     try:
         return model.model_validate(raw)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.utils import make_image_grid
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
@@ -138,6 +137,8 @@ def save_pngs(images: torch.Tensor, out_dir: Path, names: list[str]) -> list[Pat
 def grid(images: torch.Tensor, cols: int = 8) -> Image.Image:
     """(N, 3, R, R) uint8 -> one PIL image, `cols` per row, the last row padded with black."""
     pil = [to_pil(im) for im in images]
-    rows = (len(pil) + cols - 1) // cols
-    pil += [Image.new("RGB", pil[0].size, (0, 0, 0))] * (rows * cols - len(pil))
-    return make_image_grid(pil, rows=rows, cols=cols)
+    w, h = pil[0].size
+    out = Image.new("RGB", (cols * w, (len(pil) + cols - 1) // cols * h), (0, 0, 0))
+    for i, im in enumerate(pil):
+        out.paste(im, (i % cols * w, i // cols * h))
+    return out

@@ -206,7 +206,7 @@ def test_a_failing_shard_retries_without_redoing_the_others(airflow, generated, 
     """One shard's first try dies (an injected crash inside the real task); Airflow retries that map index only,
     and every prompt ends with exactly one image."""
     import pipeline.generation.batch as generation
-    import pipeline.orchestration.tasks as tasks
+    import pipeline.orchestration.generation_tasks as tasks
 
     real = tasks.generate_shard
     calls: list[str] = []

@@ -97,17 +97,31 @@ class InceptionFeatures(torch.nn.Module):
         return f.reshape(len(x), -1)
 
 
+class _Given(torch.nn.Module):
+    """Features computed beforehand, handed to torchmetrics as they are: each image goes through Inception once
+    for both FID and KID."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features  # torchmetrics reads it instead of probing with a dummy image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 def fid_and_kid(path: Path, real: torch.Tensor, generated: torch.Tensor, seed: int,
                 batch_size: int = 32) -> dict[str, float]:
     """FID and KID between (N, 3, R, R) uint8 image sets. KID's subsets are drawn with `seed`: the same inputs give
     the same number."""
-    features = InceptionFeatures(path)
-    fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
-    kid = KernelInceptionDistance(feature=features, subsets=10, subset_size=min(len(real), len(generated)))
-    for images, is_real in ((real, True), (generated, False)):
-        for i in range(0, len(images), batch_size):
-            fid.update(images[i:i + batch_size], real=is_real)
-            kid.update(images[i:i + batch_size], real=is_real)
+    extract = InceptionFeatures(path)
+    features = {is_real: torch.cat([extract(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+                for images, is_real in ((real, True), (generated, False))}
+    given = _Given(features[True].shape[1])
+    fid = FrechetInceptionDistance(feature=given, reset_real_features=True)
+    kid = KernelInceptionDistance(feature=given, subsets=10, subset_size=min(len(real), len(generated)))
+    for is_real, f in features.items():
+        fid.update(f, real=is_real)
+        kid.update(f, real=is_real)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         kid_mean, _ = kid.compute()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from pipeline.config import SAMPLING
+from pipeline.config import SAMPLERS, SAMPLING
 from pipeline.errors import UserError
 from pipeline.images import to_uint8
 from pipeline.model.encoders import ContextBatch, build_encoder, standardize
@@ -19,7 +19,6 @@ from pipeline.model.network import ModelSpec, denoise
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("dpmpp", "ddim", "ddpm")
 
 
 def make_sampler(name: str, train_scheduler_config: dict):

@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         from dataset_update import dataset_update_dag
         from retrain import retrain_dag
 
+        from pipeline.orchestration.retrain_tasks import retrain_run_dir
         from pipeline.orchestration.task_lines import TaskLines
-        from pipeline.orchestration.tasks import retrain_run_dir
 
     lines = TaskLines(out, load_config(config).train.max_steps, retrain_run_dir)
     get_listener_manager().add_listener(lines)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import import_module
 from pathlib import Path
-from typing import get_args
 
 from alembic import command
 from alembic.config import Config
@@ -28,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.config import GenerationConfig
+from pipeline.config import SAMPLERS, GenerationConfig
 from pipeline.errors import UserError
 from pipeline.generation.prompt_store.models import DONE, FAILED, PENDING, SKIPPED, STATUSES, Failure, Output, Prompt
 from pipeline.images import open_image
@@ -38,7 +37,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_URL = "sqlite:///prompts.db"
 MAX_SEED = 2**63 - 1
 MAX_DOODLE_BYTES = 16 * 2**20  # stored in every prompt row that uses it
-SAMPLERS = get_args(GenerationConfig.model_fields["sampler"].annotation)
 
 
 def store_url(gc: GenerationConfig | None = None, override: str | None = None) -> str:
