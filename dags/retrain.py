@@ -1,7 +1,8 @@
 """retrain: weekly and whenever the dataset Asset updates.
 
-DVC pull -> validation gate -> train (local subprocess, Docker or Kubernetes GPU job: $DIFFUSE_RUNNER_KIND)
--> evaluate -> register as `challenger` -> promotion gate -> model Asset event when `champion` changed.
+DVC pull -> validation gate -> [train_vae: $DIFFUSE_TRAIN_VAE] -> train (local subprocess, Docker or Kubernetes GPU
+job: $DIFFUSE_RUNNER_KIND) -> evaluate -> register as `challenger` -> promotion gate -> model Asset event when
+`champion` changed.
 What each task does: pipeline/orchestration/retrain_tasks.py
 (imported when a task runs, so parsing this file stays cheap).
 """
@@ -13,7 +14,13 @@ from datetime import timedelta
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from pipeline.orchestration.dag_common import DAG_DEFAULTS, DATASET_ASSET, MODEL_ASSET, SETTINGS
-from pipeline.orchestration.runners import docker_operator_kwargs, kubernetes_operator_kwargs, runner_config
+from pipeline.orchestration.runners import (
+    docker_operator_kwargs,
+    kubernetes_operator_kwargs,
+    runner_config,
+    vae_override,
+    vae_run_dir,
+)
 
 RUNNER = runner_config()  # environment only: the operator is chosen at parse time without touching the DB
 TRAIN_TIMEOUT = timedelta(hours=RUNNER.timeout_hours)
@@ -51,27 +58,43 @@ def retrain():
 
     if RUNNER.kind == "local":
         @task(execution_timeout=TRAIN_TIMEOUT)
+        def train_vae(plan: dict) -> dict:
+            from pipeline.orchestration import retrain_tasks as tasks
+
+            return tasks.train_vae_locally(plan)
+
+        @task(execution_timeout=TRAIN_TIMEOUT)
         def train(plan: dict) -> dict:
             from pipeline.orchestration import retrain_tasks as tasks
 
             return tasks.train_locally(plan, get_current_context()["params"])
 
-        trained = train(gate(pull()))
+        planned = gate(pull())
+        trained = train(train_vae(planned) if SETTINGS.train_vae else planned)
     else:
         planned = gate(pull())
         xcom = "{{ ti.xcom_pull(task_ids='gate')['%s'] }}"
         args = (xcom % "config", xcom % "dataset", xcom % "run_dir")
+        # (task, command, run folder, overrides): the VAE first when the deployment trains one
+        steps = [("train", "train", args[2], [])]
+        if SETTINGS.train_vae:
+            steps = [("train_vae", "train-vae", vae_run_dir(args[2]), []),
+                     ("train", "train", args[2], [vae_override(args[2])])]
         if RUNNER.kind == "docker":
-            from airflow.providers.docker.operators.docker import DockerOperator
+            from airflow.providers.docker.operators.docker import DockerOperator as Operator
 
-            job = DockerOperator(task_id="train", execution_timeout=TRAIN_TIMEOUT,
-                                 **docker_operator_kwargs(RUNNER, *args))
+            operator_kwargs = docker_operator_kwargs
         else:
-            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator as Operator
 
-            job = KubernetesPodOperator(task_id="train", execution_timeout=TRAIN_TIMEOUT,
-                                        **kubernetes_operator_kwargs(RUNNER, *args))
-        planned >> job
+            operator_kwargs = kubernetes_operator_kwargs
+        jobs = [Operator(task_id=task_id, execution_timeout=TRAIN_TIMEOUT,
+                         **operator_kwargs(RUNNER, args[0], args[1], run_dir, command=command, overrides=overrides))
+                for task_id, command, run_dir, overrides in steps]
+        job = jobs[-1]
+        planned >> jobs[0]
+        if len(jobs) == 2:
+            jobs[0] >> jobs[1]
 
         @task
         def trained_plan(plan: dict) -> dict:

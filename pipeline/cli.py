@@ -190,6 +190,34 @@ def data_ingest(
         out.print(f"reasons per item: {out_dir / 'quarantine.jsonl'}")
 
 
+@data_app.command("encode")
+@user_errors
+def data_encode(
+    config: Path = typer.Option(..., "--config", "-c", help="a latent model's training config (model.vae, data)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: KEY=VALUE"),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when there is one)"),
+):
+    """Fill the latent cache of a latent model's training data with its VAE (what `diffuse train` does first):
+    only items the cache lacks are encoded."""
+    import torch
+
+    from pipeline.data.loader import open_training_data
+    from pipeline.model.vae import load_vae, vae_spec
+    from pipeline.training.latents import cache_root, ensure_latents
+
+    cfg = load_config(config, _parse_overrides(set_))
+    if cfg.model.vae is None:
+        raise UserError(f"{config}: model.vae is not set; only a latent model's data is encoded")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
+    spec = vae_spec(cfg.model.vae)
+    result = ensure_latents(data.dataset, data.images.rows, load_vae(cfg.model.vae, device), spec,
+                            cache_root(cfg.data), flip=cfg.data.random_flip,
+                            conditions=cfg.context.image_condition, batch_size=cfg.train.encode_batch_size)
+    out.print(f"{len(result.items)} items: {result.encoded} images encoded now, the rest were cached "
+              f"({result.folder})", highlight=False)
+
+
 @data_app.command("validate")
 @user_errors
 def data_validate(
@@ -280,6 +308,24 @@ def data_coverage(
             out.print(f"    {sim:.3f}  {cap}")
 
 
+def _tracked(cfg, resume: bool, run):
+    """run(logger) with an MLflowLogger when tracking is on (under torchrun: on rank 0 only); a failed or killed
+    run is closed as such. Returns (what run returned, the logger or None)."""
+    from pipeline.training.distributed import is_main_process
+
+    mlflow_logger = None
+    if cfg.tracking.enabled and is_main_process():
+        from pipeline.registry.tracking import MLflowLogger
+
+        mlflow_logger = MLflowLogger(cfg, resume=resume)
+    try:
+        return run(mlflow_logger), mlflow_logger
+    except BaseException as e:
+        if mlflow_logger is not None:
+            mlflow_logger.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 @app.command()
 @user_errors
 def train(
@@ -314,21 +360,11 @@ def train(
         return
     if config is None:
         raise UserError("give --config CONFIG.yaml (or --log-only RUN_DIR)")
-    from pipeline.training.distributed import is_main_process
     from pipeline.training.loop import train as run_training
 
     cfg = load_config(config, _parse_overrides(set_))
-    mlflow_logger = None
-    if cfg.tracking.enabled and is_main_process():  # under torchrun only rank 0 logs to MLflow
-        from pipeline.registry.tracking import MLflowLogger
-
-        mlflow_logger = MLflowLogger(cfg, resume=resume)
-    try:
-        model_dir = run_training(cfg, resume=resume, overwrite=overwrite, logger=mlflow_logger)
-    except BaseException as e:
-        if mlflow_logger is not None:
-            mlflow_logger.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
+    model_dir, mlflow_logger = _tracked(cfg, resume, lambda logger: run_training(cfg, resume=resume,
+                                                                               overwrite=overwrite, logger=logger))
     out.print(f"model saved to {model_dir}")
     if mlflow_logger is not None:
         mlflow_logger.finish(model_dir)
@@ -336,6 +372,34 @@ def train(
             raise UserError(f"training finished and the model is saved, but MLflow logging failed: "
                             f"{mlflow_logger.failed}\nWhen the tracking server is back: "
                             f"diffuse train --log-only {cfg.run_dir}")
+        out.print(f"MLflow run {mlflow_logger.run_id} ({mlflow_logger.client.tracking_uri})")
+
+
+@app.command("train-vae")
+@user_errors
+def train_vae(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML with run_dir, data and a vae: section"),
+    resume: bool = typer.Option(False, help="continue from the latest checkpoint in run_dir"),
+    overwrite: bool = typer.Option(False, help="start again in a run_dir that holds an earlier run"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: KEY=VALUE, e.g. vae.max_steps=500"),
+):
+    """Train a VAE (diffusers AutoencoderKL) on the dataset; it lands in RUN_DIR/vae, ready for model.vae of a
+    latent model. Reports reconstruction PSNR/SSIM on the eval split; logs to MLflow unless tracking.enabled is
+    false."""
+    from pipeline.training.vae_loop import train_vae as run_training
+
+    cfg = load_config(config, _parse_overrides(set_))
+    vae_dir, mlflow_logger = _tracked(cfg, resume, lambda logger: run_training(cfg, resume=resume,
+                                                                             overwrite=overwrite, logger=logger))
+    metrics = json.loads((vae_dir.parent / "vae_eval.json").read_text())
+    out.print(f"VAE saved to {vae_dir}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} on the "
+              f"{metrics['measured_on']} ({metrics['items']} items); scaling factor {metrics['scaling_factor']:.4f}")
+    if mlflow_logger is not None:
+        mlflow_logger.log_folder(vae_dir, "vae")
+        mlflow_logger.finish()
+        if mlflow_logger.failed:
+            raise UserError(f"training finished and the VAE is saved, but MLflow logging failed: "
+                            f"{mlflow_logger.failed}")
         out.print(f"MLflow run {mlflow_logger.run_id} ({mlflow_logger.client.tracking_uri})")
 
 
@@ -356,36 +420,42 @@ def sample(
     guidance: float = typer.Option(GENERATION.guidance, help="classifier-free guidance scale of the text (1 = off)"),
     seed: int = typer.Option(0, help="seed of the first image; image k uses seed + k"),
     num: int = typer.Option(8, min=1, max=4096, help="images per prompt"),
+    width: int | None = typer.Option(None, min=8, help="image width in px (default: the model's resolution)"),
+    height: int | None = typer.Option(None, min=8, help="image height in px (default: the model's resolution)"),
     out_dir: Path = typer.Option(Path("samples"), "--out", help="where PNGs and grid.png go"),
 ):
-    """Generate images from text (txt2img), from text + an image (img2img) or from text + a doodle."""
+    """Generate images from text (txt2img), from text + an image (img2img) or from text + a doodle, at the model's
+    resolution or at --width x --height (e.g. the aspect-ratio buckets a model trained on)."""
     from pipeline.data.doodle import load_doodle
     from pipeline.images import condition_tensor, grid, image_to_tensor, open_image, save_pngs
     from pipeline.model.folder import load_model
-    from pipeline.model.sampling import generate
+    from pipeline.model.sampling import check_size, generate
 
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1 (got {strength})")
     loaded = load_model(model)
     res = loaded.spec.resolution
+    h, w = check_size(loaded, width, height)
     prompts = [p for p in prompt for _ in range(num)]
     seeds = [seed + k for k in range(len(prompts))]
     init = cond = None
     if init_image is not None:
         with open_image(init_image, "init image") as im:
-            if im.size != (res, res):
-                err.print(f"note: init image is {im.size[0]}x{im.size[1]}; resized and centre-cropped to {res}x{res}")
-            init = image_to_tensor(im, res).unsqueeze(0).expand(len(prompts), -1, -1, -1)
+            if im.size != (w, h):
+                err.print(f"note: init image is {im.size[0]}x{im.size[1]}; resized and centre-cropped to {w}x{h}")
+            init = image_to_tensor(im, w, h).unsqueeze(0).expand(len(prompts), -1, -1, -1)
     if doodle is not None:
         if not loaded.spec.condition_channels:
             raise UserError(f"{model} was trained without a condition image and cannot follow --doodle: train a "
                             "model with context.image_condition (configs/shapes_doodle.yaml), or use --init-image")
+        if (w, h) != (res, res):
+            raise UserError(f"--doodle makes {res}x{res} images (the model's resolution): leave out --width/--height")
         with open_image(doodle, "doodle") as im:
             cond = condition_tensor(load_doodle(im, res)).unsqueeze(0).expand(len(prompts), -1, -1, -1)
     images = generate(loaded, prompts, seeds, sampler=sampler, steps=steps, guidance=guidance,
                       negative_prompts=[negative_prompt] * len(prompts), init_images=init,
                       strength=strength if init is not None else 1.0, cond_images=cond,
-                      image_guidance=image_guidance)
+                      image_guidance=image_guidance, width=w, height=h)
     names = [f"{k:04d}-seed{s}.png" for k, s in enumerate(seeds)]
     save_pngs(images, out_dir, names)
     grid(images, cols=min(num, 8) if len(prompt) == 1 else num).save(out_dir / "grid.png")

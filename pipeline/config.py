@@ -36,6 +36,8 @@ class DataConfig(_Strict):
                               "left/right)")
     loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes reading the shards")
     prepared_cache: Path = Field(Path(".cache/prepared"), description="where a raw imagefolder is ingested once")
+    latent_cache: Path | None = Field(None, description="latent model (model.vae): where the items' VAE latents "
+                                      "are cached; default: DATASET.latents beside the prepared dataset")
 
 
 SAMPLING = SamplingConfig()  # the defaults, for code that samples without a config file
@@ -153,6 +155,9 @@ class ContextConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    vae: Path | None = Field(None, description="a latent model: local diffusers AutoencoderKL folder (e.g. the vae/ "
+                             "of a Stable Diffusion pipeline, or RUN_DIR/vae of `diffuse train-vae`); the UNet "
+                             "denoises its latents. None: a pixel model")
     block_out_channels: list[int] = Field([96, 96, 128], min_length=1)
     layers_per_block: int = Field(1, ge=1, le=4)
     attention_levels: list[bool] = Field(
@@ -160,7 +165,8 @@ class ModelConfig(_Strict):
     )
     attention_head_dim: int = Field(8, ge=1)
     norm_num_groups: int = Field(32, ge=1)
-    patch_size: int = Field(2, ge=1, le=8, description="pixel-unshuffle factor: the UNet runs at res/patch")
+    patch_size: int = Field(2, ge=1, le=8, description="pixel-unshuffle factor: the UNet runs at res/patch "
+                            "(latents: at res/downsampling/patch); default: 2 for a pixel model, 1 with model.vae")
     coord_channels: bool = Field(True, description="add x/y coordinate input channels (helps layout)")
     scale_shift: bool = Field(True, description="ResNet blocks take the (time + pooled context) embedding as "
                               "scale and shift (FiLM) rather than as a bias")
@@ -214,6 +220,13 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode with train.compile; reduce-overhead captures CUDA graphs, which "
+        "helps small models whose step is launch-bound")
+    gradient_checkpointing: bool = Field(False, description="recompute the UNet's activations in the backward "
+                                         "pass: less memory for a larger batch, ~30 % more compute")
+    encode_batch_size: int = Field(32, ge=1, description="latent model: images per VAE forward when the latent "
+                                   "cache is filled")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on the CPU too "
         "(weights, optimizer and loss stay fp32; faster on a CPU with AVX512-BF16 or AMX); fp32: no autocast")
@@ -240,6 +253,49 @@ class TrainConfig(_Strict):
             raise ValueError(f"max_steps ({self.max_steps}) is not the total of the cycles' steps "
                              f"({' + '.join(str(c.steps) for c in self.cycles)}); leave max_steps out to use it")
         return self
+
+
+class VaeConfig(_Strict):
+    """`diffuse train-vae` (pipeline/training/vae_loop.py): a diffusers AutoencoderKL trained on the dataset's train
+    split, for domains where no pretrained VAE fits. Its latents are `2^(levels-1)` times smaller per side."""
+
+    block_out_channels: list[int] = Field([64, 128, 128], min_length=1, description="channels per level; 3 levels "
+                                          "= 4x downsampling per side")
+    layers_per_block: int = Field(1, ge=1, le=4)
+    latent_channels: int = Field(4, ge=1, le=64)
+    norm_num_groups: int = Field(32, ge=1)
+    mid_block_attention: bool = Field(False, description="self-attention in the middle block (as Stable "
+                                      "Diffusion's VAE has); costly at high resolution")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(2000, ge=1)
+    reconstruction_loss: Literal["l1", "l2"] = Field("l1", description="l1 keeps edges sharper than l2")
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term towards N(0, 1): small, so the "
+                             "latents stay informative (Stable Diffusion's VAE: 1e-6)")
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    sample_every: int = Field(500, ge=0, description="steps between reconstruction grids (EMA weights, eval "
+                              "images); 0 = only at the end")
+    eval_items: int = Field(256, ge=1, description="eval-split items for the reconstruction PSNR/SSIM")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="as train.precision")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"vae.block_out_channels {bad} are not multiples of vae.norm_num_groups "
+                             f"({self.norm_num_groups})")
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 class TrackingConfig(_Strict):
@@ -356,6 +412,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+    vae: VaeConfig = VaeConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
@@ -363,6 +420,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.model.vae is not None:
+            return self._check_latent()
         levels = len(self.model.block_out_channels)
         step = self.model.patch_size * 2 ** (levels - 1)
         sides = [("data.resolution", self.data.resolution)] + [
@@ -374,6 +433,19 @@ class Config(_Strict):
             if res > self.data.resolution:
                 raise ValueError(f"{key} ({res}) is above data.resolution ({self.data.resolution}): a cycle trains on "
                                  "the images downsampled, never upsampled")
+        if self.context.encoder == "category" and self.data.label_column is None:
+            raise ValueError("encoder 'category' needs data.label_column (the class label column)")
+        return self
+
+    def _check_latent(self):
+        """A latent model: the UNet runs on the VAE's latents, unpatched unless model.patch_size says otherwise.
+        Whether the sides suit the VAE's downsampling is checked when the VAE is read (pipeline/model/vae.py)."""
+        if "patch_size" not in self.model.model_fields_set:
+            self.model.patch_size = 1
+        lowered = [i for i, c in enumerate(self.train.cycles) if c.resolution not in (None, self.data.resolution)]
+        if lowered:
+            raise ValueError(f"train.cycles[{lowered[0]}].resolution: a latent model (model.vae) trains at "
+                             "data.resolution only (its latents are cached at that side); remove it")
         if self.context.encoder == "category" and self.data.label_column is None:
             raise ValueError("encoder 'category' needs data.label_column (the class label column)")
         return self
@@ -520,6 +592,8 @@ class DagConfig(_Strict):
     dataset_name: str = Field("shapes", min_length=1, description="prepared dataset name (data/prepared/NAME)")
     source: str = Field("data/shapes", min_length=1, description="what dataset_update ingests by default")
     generate_shards: int = Field(2, ge=1, description="parallel generate tasks of batch_generate")
+    train_vae: bool = Field(False, description="retrain first trains a VAE (`diffuse train-vae`, the config's vae: "
+                            "section) and then the latent model on it (model.vae = that VAE)")
 
 
 def from_environment(model: type[BaseModel], prefix: str, env: dict[str, str] | None = None,

@@ -39,12 +39,13 @@ def to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
-def to_square(img: Image.Image, resolution: int) -> Image.Image:
-    """EXIF orientation, RGB (converted as ingest does), shorter side to `resolution`, centre crop (for init
-    images at sampling time)."""
+def to_square(img: Image.Image, resolution: int, height: int | None = None) -> Image.Image:
+    """EXIF orientation, RGB (converted as ingest does), scaled to cover resolution x `height` (default: square)
+    and centre-cropped to it (for init images at sampling time)."""
+    size = (resolution, height or resolution)
     img = to_rgb(ImageOps.exif_transpose(img), [])
-    if img.size != (resolution, resolution):
-        img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
+    if img.size != size:
+        img = ImageOps.fit(img, size, Image.Resampling.BICUBIC)
     return img
 
 
@@ -62,9 +63,9 @@ def open_image(source: Path | bytes, what: str = "image") -> Image.Image:
         raise UserError(f"{what}{where} is not a readable image ({type(e).__name__}: {e})") from None
 
 
-def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """A PIL image -> (3, R, R) in [-1, 1], brought to the model's size by `to_square`."""
-    arr = np.asarray(to_square(img, resolution), dtype=np.float32) / 127.5 - 1.0
+def image_to_tensor(img: Image.Image, resolution: int, height: int | None = None) -> torch.Tensor:
+    """A PIL image -> (3, H, W) in [-1, 1] (W = resolution, H = height, default square), by `to_square`."""
+    arr = np.asarray(to_square(img, resolution, height), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

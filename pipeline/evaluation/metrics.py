@@ -1,6 +1,7 @@
 """The metrics of the evaluation protocol (pipeline/evaluation/protocol.py), each on fixed inputs.
 
-- denoising MSE per timestep range on held-out images, as epsilon-MSE so epsilon- and v-prediction models compare;
+- denoising MSE per timestep range on held-out images (a latent model: on their latents), as epsilon-MSE so epsilon-
+  and v-prediction models compare;
 - copy rate: the share of generated images whose nearest training image is closer than a threshold (memorisation);
 - FID and KID (torchmetrics) on the features of a local TorchScript Inception file, CLIP score (torchmetrics) with a
   local CLIP model: nothing is downloaded, and without the weights the caller records them as skipped.
@@ -22,6 +23,7 @@ from transformers import CLIPModel, CLIPProcessor
 from pipeline.images import resize_array
 from pipeline.model.network import denoise
 from pipeline.model.sampling import encode_prompts
+from pipeline.model.vae import encode
 
 
 @torch.no_grad()
@@ -32,6 +34,8 @@ def denoising_mse(model, images: np.ndarray, captions: list[str], buckets: int, 
     total = sched.config.num_train_timesteps
     device = next(model.unet.parameters()).device
     x0_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if model.vae is not None:  # a latent model denoises the images' latents (posterior means, scaled)
+        x0_all = encode(model.vae, model.spec.vae, x0_all.to(device)).cpu()
     ctx_all = encode_prompts(model.spec, captions)
     out = {}
     for b in range(buckets):

@@ -182,6 +182,7 @@ def evaluate(model_dir: Path, ec: EvaluationConfig, data: EvalData | None = None
         "skipped": skipped,
         "details": details,
         "train_config": train_cfg.model_dump(mode="json") if train_cfg else None,
+        "vae": model.spec.vae.model_dump(mode="json") if model.spec.vae else None,
         "seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -1,8 +1,8 @@
 """The denoiser: a diffusers UNet2DConditionModel, plus how context and pixels are fed to it.
 
 `ModelSpec` is everything besides the UNet's own config that is needed to use the weights: how images are
-patched, which encoder makes the context and how it is attached. It is saved as `conditioning.json` next to
-the diffusers-format `unet/` and `scheduler/` folders.
+patched, which encoder makes the context and how it is attached, and for a latent model which VAE's latents it
+denoises. It is saved as `conditioning.json` next to the diffusers-format `unet/`, `scheduler/` (and `vae/`) folders.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.errors import UserError
 from pipeline.model.encoders import ContextBatch
+from pipeline.model.vae import VaeSpec
 
 
 class ModelSpec(BaseModel):
@@ -36,6 +37,7 @@ class ModelSpec(BaseModel):
     prediction_type: str
     context_stats: dict[str, list] | None = None  # standardization (and whitening) of the context
     condition_channels: int = 0  # channels of the condition image (a doodle: 3), fed beside the noisy image; 0: none
+    vae: VaeSpec | None = None  # a latent model: the VAE whose (scaled) latents the UNet denoises
 
     @model_validator(mode="before")
     @classmethod
@@ -53,15 +55,25 @@ class ModelSpec(BaseModel):
     def uses_pooled(self) -> bool:
         return self.encoder != "category" and self.attach in ("additive", "both")
 
+    @property
+    def sample_channels(self) -> int:
+        """Channels of what the UNet denoises: RGB pixels, or the VAE's latents."""
+        return self.vae.latent_channels if self.vae else 3
+
+    @property
+    def downsample(self) -> int:
+        """Image pixels per denoised sample, per side (1 for a pixel model)."""
+        return self.vae.downsample if self.vae else 1
+
 
 def coord_channel_count(spec: ModelSpec) -> int:
     return 2 if spec.coord_channels else 0
 
 
 def input_channel_count(spec: ModelSpec) -> int:
-    """UNet input channels, in this order: the (patched) noisy image, coordinates, the (patched) condition image."""
+    """UNet input channels, in this order: the (patched) noisy sample, coordinates, the (patched) condition image."""
     p2 = spec.patch_size**2
-    return 3 * p2 + coord_channel_count(spec) + spec.condition_channels * p2
+    return spec.sample_channels * p2 + coord_channel_count(spec) + spec.condition_channels * p2
 
 
 def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, attention_levels,
@@ -71,9 +83,9 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
     down = ["CrossAttnDownBlock2D" if (a and cross) else "DownBlock2D" for a in attention_levels]
     up = ["CrossAttnUpBlock2D" if (a and cross) else "UpBlock2D" for a in reversed(attention_levels)]
     kwargs = dict(
-        sample_size=spec.resolution // p,
+        sample_size=spec.resolution // (spec.downsample * p),
         in_channels=input_channel_count(spec),
-        out_channels=3 * p * p,
+        out_channels=spec.sample_channels * p * p,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         mid_block_type="UNetMidBlock2DCrossAttn" if cross else "UNetMidBlock2D",
@@ -93,11 +105,18 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
     return UNet2DConditionModel(**kwargs)
 
 
-def _coords(batch: int, res: int, like: torch.Tensor) -> torch.Tensor:
-    """x/y in [-1, 1]: the UNet knows where "top left" is."""
-    lin = torch.linspace(-1.0, 1.0, res, device=like.device, dtype=like.dtype)
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    return torch.stack([xx, yy]).expand(batch, 2, res, res)
+def _coords(like: torch.Tensor) -> torch.Tensor:
+    """x/y in [-1, 1] over the feature map of `like` (any aspect ratio): the UNet knows where "top left" is."""
+    batch, _, height, width = like.shape
+    ys = torch.linspace(-1.0, 1.0, height, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=like.device, dtype=like.dtype)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx, yy]).expand(batch, 2, height, width)
+
+
+def size_multiple(spec: ModelSpec, unet) -> int:
+    """Image sides this model can make are multiples of this: the VAE's downsampling, the patch, the UNet levels."""
+    return spec.downsample * spec.patch_size * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def extend_condition_channels(unet, spec: ModelSpec, condition_channels: int):
@@ -129,12 +148,13 @@ def null_condition(spec: ModelSpec, like: torch.Tensor) -> torch.Tensor:
 
 def denoise(unet, spec: ModelSpec, x_t: torch.Tensor, t: torch.Tensor, ctx: ContextBatch,
             cond: torch.Tensor | None = None) -> torch.Tensor:
-    """The network's prediction (epsilon or v, per the scheduler config) for noisy images x_t at timesteps t.
-    `cond` is the condition image in [-1, 1] (None: dropped) for a model with condition channels."""
+    """The network's prediction (epsilon or v, per the scheduler config) for noisy samples x_t (images, or latents of
+    a latent model) at timesteps t. `cond` is the condition image in [-1, 1] (a latent model: its scaled latents;
+    None: dropped) for a model with condition channels."""
     p = spec.patch_size
     h = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
     if spec.coord_channels:
-        h = torch.cat([h, _coords(h.shape[0], h.shape[-1], h)], dim=1)
+        h = torch.cat([h, _coords(h)], dim=1)
     if spec.condition_channels:
         c = null_condition(spec, x_t) if cond is None else cond.to(x_t.dtype)
         h = torch.cat([h, F.pixel_unshuffle(c, p) if p > 1 else c], dim=1)

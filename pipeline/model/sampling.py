@@ -1,5 +1,6 @@
 """Sampling through diffusers schedulers: txt2img and img2img, batched classifier-free guidance, and for a model
-with a condition image (a doodle) separate text and image guidance scales, as in InstructPix2Pix."""
+with a condition image (a doodle) separate text and image guidance scales, as in InstructPix2Pix. A latent model
+samples in its VAE's latent space: init and condition images are encoded, the result is decoded."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pipeline.errors import UserError
 from pipeline.images import to_uint8
 from pipeline.model.encoders import ContextBatch, build_encoder, standardize
 from pipeline.model.folder import LoadedModel
-from pipeline.model.network import ModelSpec, denoise
+from pipeline.model.network import ModelSpec, denoise, size_multiple
+from pipeline.model.vae import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,13 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], *, sample
              negative_prompts: list[str] | None = None, init_images: torch.Tensor | None = None,
              strength: float = 1.0, batch_size: int = 64,
              autocast_dtype: torch.dtype | None = None, cond_images: torch.Tensor | None = None,
-             image_guidance: float = 1.0) -> torch.Tensor:
-    """Images (N, 3, R, R) uint8 for N prompts. Each image's noise comes from its own seed, so an image does
-    not depend on which batch it was generated in. init_images (N, 3, R, R) in [-1, 1] turn on img2img:
-    the init image is noised to `strength` (0 keeps it, 1 ignores it) and denoised from there.
-    cond_images (N, 3, R, R) in [-1, 1] are the condition images (doodles) of a model trained with them; text
-    guidance `guidance` and image guidance `image_guidance` then weigh the prompt and the doodle separately."""
+             image_guidance: float = 1.0, width: int | None = None, height: int | None = None) -> torch.Tensor:
+    """Images (N, 3, H, W) uint8 for N prompts, H x W the model's resolution unless `width`/`height` say otherwise.
+    Each image's noise comes from its own seed, so an image does not depend on which batch it was generated in.
+    init_images (N, 3, H, W) in [-1, 1] turn on img2img: the init image is noised to `strength` (0 keeps it, 1
+    ignores it) and denoised from there. cond_images (N, 3, H, W) in [-1, 1] are the condition images (doodles) of a
+    model trained with them; text guidance `guidance` and image guidance `image_guidance` then weigh the prompt and
+    the doodle separately."""
     if len(seeds) != len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not 0.0 <= strength <= 1.0:
@@ -74,6 +77,10 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], *, sample
         raise UserError(f"{model.path} was trained without a condition image, so it cannot follow a doodle: train "
                         "one with context.image_condition (configs/shapes_doodle.yaml), or use an init image "
                         "(img2img) instead")
+    size = check_size(model, width, height)
+    for name, images in (("init image", init_images), ("doodle", cond_images)):
+        if images is not None and tuple(images.shape[-2:]) != size:
+            raise UserError(f"{name} is {images.shape[-1]}x{images.shape[-2]}, the images are {size[1]}x{size[0]}")
     out = []
     for i in range(0, len(prompts), batch_size):
         sl = slice(i, i + batch_size)
@@ -81,8 +88,20 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], *, sample
         negs = None if negative_prompts is None else negative_prompts[sl]
         cond = None if cond_images is None else cond_images[sl]
         out.append(_generate_batch(model, prompts[sl], seeds[sl], sampler, steps, guidance, negs, init,
-                                   strength, autocast_dtype, cond, image_guidance))
+                                   strength, autocast_dtype, cond, image_guidance, size))
     return torch.cat(out)
+
+
+def check_size(model: LoadedModel, width: int | None, height: int | None) -> tuple[int, int]:
+    """(height, width) of the images to make: the model's resolution by default; a UserError for a size the model
+    cannot make (sides must map onto whole UNet levels, latents and patches)."""
+    res = model.spec.resolution
+    height, width = height or res, width or res
+    multiple = size_multiple(model.spec, model.unet)
+    if height % multiple or width % multiple or min(height, width) < multiple:
+        raise UserError(f"{width}x{height}: this model makes images whose sides are multiples of {multiple} "
+                        f"(trained at {res}x{res})")
+    return height, width
 
 
 def _guidance_branches(text_ctx, null_ctx, cond, guidance: float, image_guidance: float):
@@ -113,18 +132,20 @@ def combine_guidance(preds: list[torch.Tensor], guidance: float, image_guidance:
 
 
 def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_prompts, init, strength,
-                    autocast_dtype, cond=None, image_guidance=1.0):
+                    autocast_dtype, cond, image_guidance, size):
     spec, unet = model.spec, model.unet
     device = next(unet.parameters()).device
-    res = spec.resolution
+    height, width = size[0] // spec.downsample, size[1] // spec.downsample  # of what is denoised
     sched = make_sampler(sampler, model.scheduler_config)
     sched.set_timesteps(steps, device=device)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    noise = torch.stack([torch.randn(3, res, res, generator=g) for g in gens]).to(device)
+    noise = torch.stack([torch.randn(spec.sample_channels, height, width, generator=g) for g in gens]).to(device)
     text_ctx = encode_prompts(spec, prompts)
     null_ctx = encode_prompts(spec, negative_prompts or [""] * len(prompts))
     if cond is not None:
         cond = cond.to(device)
+        if spec.vae:  # a latent model takes its condition image as latents, as it was trained
+            cond = encode(model.vae, spec.vae, cond)
     branches = _guidance_branches(text_ctx, null_ctx, cond, guidance, image_guidance)
     ctx = functools.reduce(ContextBatch.cat, [c for c, _ in branches])
     ctx = ContextBatch(*[None if a is None else a.to(device) for a in ctx.astuple()])
@@ -143,6 +164,8 @@ def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_pr
             sched.set_begin_index(t_start * sched.order)
         if len(timesteps) == 0:
             return to_uint8(init).cpu()
+        if spec.vae:  # img2img in latent space: the init image's latents are noised
+            init = encode(model.vae, spec.vae, init)
         x = sched.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
 
     for t in timesteps:
@@ -153,4 +176,6 @@ def _generate_batch(model, prompts, seeds, sampler, steps, guidance, negative_pr
             pred = denoise(unet, spec, x_in, tt, ctx, cond_in).float()
         pred = combine_guidance(list(pred.chunk(len(branches))), guidance, image_guidance)
         x = sched.step(pred, t, x, generator=gens, return_dict=False)[0]
+    if spec.vae:
+        x = decode(model.vae, spec.vae, x)
     return to_uint8(x).cpu()

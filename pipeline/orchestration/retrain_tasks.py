@@ -14,7 +14,7 @@ from pipeline.evaluation.protocol import evaluate as evaluate_model
 from pipeline.evaluation.protocol import load_report, save_report
 from pipeline.orchestration.dag_common import WORKSPACE, config_path, in_workspace
 from pipeline.orchestration.dataset_tasks import data_gate
-from pipeline.orchestration.runners import run_local
+from pipeline.orchestration.runners import run_local, vae_override, vae_run_dir
 from pipeline.registry.versions import promote as promote_challenger
 from pipeline.registry.versions import register as register_run
 
@@ -44,10 +44,18 @@ def gate(plan: dict) -> dict:
     return plan
 
 
+def train_vae_locally(plan: dict) -> dict:
+    """The `local` runner's VAE step (DIFFUSE_TRAIN_VAE): `diffuse train-vae` into the run's VAE folder; the
+    latent model then trains on it."""
+    run_local(plan["config"], plan["dataset"], vae_run_dir(plan["run_dir"]), cwd=WORKSPACE, command="train-vae")
+    return plan | {"vae": str(Path(vae_run_dir(plan["run_dir"])) / "vae")}
+
+
 def train_locally(plan: dict, params: dict) -> dict:
     """The `local` runner: `diffuse train` in a subprocess of this environment (Docker and Kubernetes runners are
-    operators, built in the DAG file)."""
-    run_local(plan["config"], plan["dataset"], plan["run_dir"], cwd=WORKSPACE, overrides=params["overrides"])
+    operators, built in the DAG file); a latent model on the VAE the run trained, if it trained one."""
+    overrides = [*([vae_override(plan["run_dir"])] if plan.get("vae") else []), *params["overrides"]]
+    run_local(plan["config"], plan["dataset"], plan["run_dir"], cwd=WORKSPACE, overrides=overrides)
     return plan
 
 

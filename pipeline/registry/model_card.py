@@ -58,6 +58,16 @@ def _data_statistics(tags: dict, report: dict) -> list[str]:
     return lines
 
 
+def _space(report: dict) -> str:
+    """What the UNet denoises: pixels, or the latents of which VAE (copied into the model folder as vae/)."""
+    vae = report.get("vae")
+    if not vae:
+        return "pixel space"
+    return (f"latent space of the VAE {vae['source']} (sha256 {vae['sha256'][:12]}, {vae['downsample']}x "
+            f"downsampling, {vae['latent_channels']} channels, scaling factor {vae['scaling_factor']:.4f}); the "
+            "model folder carries it as vae/")
+
+
 def model_card(name: str, version_: str, run_id: str, tags: dict, report: dict) -> str:
     cfg = report.get("train_config") or {}
     data, ctx, model, train, diff = (cfg.get(k, {}) for k in ("data", "context", "model", "train", "diffusion"))
@@ -79,6 +89,7 @@ def model_card(name: str, version_: str, run_id: str, tags: dict, report: dict) 
         f"({ctx.get('max_length')} tokens, attach {ctx.get('attach')}, CFG dropout {ctx.get('cfg_dropout')})",
         f"- UNet {model.get('block_out_channels')} x {model.get('layers_per_block')} layers, attention "
         f"{model.get('attention_levels')}, patch {model.get('patch_size')}",
+        f"- {_space(report)}",
         f"- {diff.get('prediction_type')}, {diff.get('beta_schedule')}, loss weighting {diff.get('loss_weighting')}",
         f"- {train.get('max_steps')} steps, batch {train.get('batch_size')} x {train.get('grad_accum')}, "
         f"lr {train.get('lr')}, EMA {train.get('ema_decay')}; full config: run artifact `config.yaml`",

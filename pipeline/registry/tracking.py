@@ -205,6 +205,12 @@ class MLflowLogger:
         # key + step: MLflow's step-indexed images (the UI shows them with a step slider)
         self._call(lambda: self.client.log_image(self.run_id, image, key="samples", step=step), "log an image")
 
+    def log_folder(self, folder: Path, artifact_path: str) -> None:
+        """Files of a folder as run artifacts (a trained VAE: RUN_DIR/vae -> artifacts/vae)."""
+        if self.run_id is None or self.failed:
+            return
+        self._call(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path), "log " + artifact_path)
+
     def finish(self, model_dir: Path | None = None, status: str = "FINISHED", new_model: bool = True) -> None:
         """End of training: log the model (pyfunc, see pipeline/registry/versions.py) and close the run. A resumed
         training wrote a new model: it is logged again (new_model) and mlflow_run.json points at it."""

@@ -42,11 +42,16 @@ def batch_loader(images: ShardImages, seed: int, start: int, batch_size: int, wo
     return iter(loader)
 
 
-def random_flip(x: torch.Tensor, seed: int, position: int, part: Part = WHOLE) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2, decided by (seed, stream position): reproducible.
-    `position` is the global batch's; under DDP x is this rank's share of it."""
+def flip_mask(n: int, seed: int, position: int, part: Part = WHOLE) -> torch.Tensor:
+    """Which of this rank's n samples are mirrored (probability 1/2), decided by (seed, stream position):
+    reproducible. `position` is the global batch's; under DDP n is this rank's share of it."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + position + 1)
-    flip = (part.take(torch.rand(x.shape[0] * part.world, generator=g)) < 0.5).to(x.device)
+    return part.take(torch.rand(n * part.world, generator=g)) < 0.5
+
+
+def random_flip(x: torch.Tensor, seed: int, position: int, part: Part = WHOLE) -> torch.Tensor:
+    """Mirror each image left-right per flip_mask."""
+    flip = flip_mask(x.shape[0], seed, position, part).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 

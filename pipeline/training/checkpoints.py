@@ -1,7 +1,7 @@
 """Checkpoints: weights in safetensors, training state kept apart, atomic writes, keep the last K.
 
     run_dir/checkpoints/step-000500/
-        unet.safetensors    raw (trained) weights
+        unet.safetensors    raw (trained) weights (vae.safetensors for `diffuse train-vae`)
         ema.safetensors     EMA weights (what the final model ships)
         state.pt            optimizer, LR schedule, EMA counters, RNG states, step, data position
                             (tensors and plain values only: loaded with weights_only=True)
@@ -30,14 +30,14 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, unet_state: dict, ema_state: dict, state: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, weights_name: str = "unet") -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in unet_state.items()}, str(tmp / "unet.safetensors"))
+    save_file({k: v.contiguous() for k, v in unet_state.items()}, str(tmp / f"{weights_name}.safetensors"))
     save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
@@ -53,11 +53,11 @@ def save_checkpoint(run_dir: Path, step: int, unet_state: dict, ema_state: dict,
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """(unet weights, ema weights, training state); a clear error for a missing or corrupt file."""
+def load_checkpoint(path: Path, weights_name: str = "unet") -> tuple[dict, dict, dict]:
+    """(trained weights, ema weights, training state); a clear error for a missing or corrupt file."""
     path = Path(path)
     try:
-        unet = load_file(str(path / "unet.safetensors"))
+        unet = load_file(str(path / f"{weights_name}.safetensors"))
         ema = load_file(str(path / "ema.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except FileNotFoundError as e:

@@ -2,13 +2,15 @@
 
     diffuse train --config configs/shapes.yaml [--resume]
     torchrun --nproc_per_node 4 -m pipeline.cli train --config CONFIG     (DDP: pipeline/training/distributed.py)
+
+A pixel model denoises images; a latent model (model.vae) denoises the VAE latents of its images, which are encoded
+once into a cache (pipeline/training/latents.py) and drawn from their stored posterior at every step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -21,17 +23,20 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config
 from pipeline.data.loader import open_training_data
-from pipeline.errors import TrainingDiverged, UserError
+from pipeline.errors import UserError
 from pipeline.model.encoders import EmbeddingCache, build_encoder, context_stats, standardize
 from pipeline.model.folder import load_model, save_model
 from pipeline.model.network import ModelSpec, build_unet, extend_condition_channels
+from pipeline.model.vae import VaeSpec, check_sides, load_vae, scale, vae_spec
 from pipeline.training import distributed
-from pipeline.training.batches import batch_loader, random_flip
-from pipeline.training.checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.training.batches import batch_loader, flip_mask, random_flip
+from pipeline.training.checkpoints import checkpoint_dirs, latest_checkpoint
+from pipeline.training.latents import cache_root, ensure_latents
 from pipeline.training.loggers import JsonlLogger, Loggers, MetricsLogger
 from pipeline.training.objective import cfg_dropout, diffusion_loss, image_dropout
 from pipeline.training.sample_grids import log_sample_grid
 from pipeline.training.schedule import Schedule
+from pipeline.training.state import TrainState, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +48,18 @@ def make_train_scheduler(cfg: Config):
                          prediction_type=d.prediction_type, clip_sample=False, timestep_spacing="trailing")
 
 
-def model_spec(cfg: Config, encoder, context_dim: int, context_stats: dict | None = None) -> ModelSpec:
-    """What a model built from `cfg` needs besides its UNet weights (saved as conditioning.json)."""
+def model_spec(cfg: Config, encoder, context_dim: int, context_stats: dict | None = None,
+               vae: VaeSpec | None = None) -> ModelSpec:
+    """What a model built from `cfg` needs besides its UNet weights (saved as conditioning.json). A condition image
+    enters as what the model denoises: RGB pixels, or a latent model's latents."""
+    condition_channels = (vae.latent_channels if vae else 3) if cfg.context.image_condition else 0
     return ModelSpec(
         resolution=cfg.data.resolution, patch_size=cfg.model.patch_size, coord_channels=cfg.model.coord_channels,
         encoder=cfg.context.encoder, encoder_id=encoder.id,
         max_length=encoder.max_length, clip_path=cfg.context.clip_path, attach=cfg.context.attach,
         categories=getattr(encoder, "categories", None), context_dim=context_dim,
         prediction_type=cfg.diffusion.prediction_type, context_stats=context_stats,
-        condition_channels=3 if cfg.context.image_condition else 0,
+        condition_channels=condition_channels, vae=vae,
     )
 
 
@@ -68,6 +76,9 @@ def unet_from_init(init, spec: ModelSpec, cfg: Config):
             "context_dim", "prediction_type")
     differ = [f"context/data {k}: {getattr(init.spec, k)} vs {getattr(spec, k)}" for k in keys
               if getattr(init.spec, k) != getattr(spec, k)]
+    vae_of = lambda s: s.vae.sha256[:12] if s.vae else "none (pixel model)"  # noqa: E731
+    if vae_of(init.spec) != vae_of(spec):
+        differ.append(f"model.vae: {vae_of(init.spec)} vs {vae_of(spec)}")
     if init.scheduler_config.get("beta_schedule") != cfg.diffusion.beta_schedule:
         differ.append(f"diffusion.beta_schedule: {init.scheduler_config.get('beta_schedule')} vs "
                       f"{cfg.diffusion.beta_schedule}")
@@ -135,6 +146,17 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     with part.main_first():
         data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
         encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
+    train_items, vae, vae_info, encoded = data.images, None, None, None
+    if cfg.model.vae is not None:  # a latent model: its images as VAE latents, encoded once into the cache
+        vae_info = vae_spec(cfg.model.vae)
+        check_sides(vae_info, {"data.resolution": cfg.data.resolution}, len(cfg.model.block_out_channels),
+                    cfg.model.patch_size)
+        vae = load_vae(cfg.model.vae, device)
+        encoded = ensure_latents(data.dataset, data.images.rows, vae, vae_info,
+                                 cache_root(cfg.data), flip=cfg.data.random_flip,
+                                 conditions=cfg.context.image_condition, batch_size=t.encode_batch_size, part=part,
+                                 progress=progress)
+        train_items = encoded.items
     init = load_model(t.init_from) if t.init_from else None  # fine-tune (or extend) an existing model
     stats = context_stats(table, cfg.context.whiten) if cfg.context.standardize and table.tokens is not None else None
     if init is not None:
@@ -143,8 +165,10 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     table = type(table)(*[None if a is None else a.to(device) for a in table.astuple()])
     n = len(data.captions)
 
-    spec = model_spec(cfg, encoder, 0 if table.tokens is None else table.tokens.shape[-1], stats)
+    spec = model_spec(cfg, encoder, 0 if table.tokens is None else table.tokens.shape[-1], stats, vae_info)
     unet = (unet_from_init(init, spec, cfg) if init else unet_from_config(spec, cfg)).to(device)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -158,34 +182,29 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         # foreach: one fused update for all tensors (GPU: 10.5 -> 2.4 ms a step at batch 32, BENCHMARKS.md)
         return EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
 
-    ema = new_ema()
-    generator = torch.Generator().manual_seed(cfg.seed)  # all training randomness: t, noise, CFG dropout
+    # all training randomness: t, noise, CFG dropout, posterior samples
+    state = TrainState(unet, optimizer, lr_schedule, new_ema(), torch.Generator().manual_seed(cfg.seed))
+    generator = state.generator
     step = 0
 
     ckpt = distributed.checkpoint_visible(part, latest_checkpoint(run_dir)) if resume else None
     if resume and ckpt is None:
         log.warning("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
     if ckpt is not None:
-        unet_sd, ema_sd, state = load_checkpoint(ckpt)
-        unet.load_state_dict(unet_sd)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        names = [k for k, _ in unet.named_parameters()]
-        ema.load_state_dict(state["ema"] | {"shadow_params": [ema_sd[k].to(device) for k in names]})
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
+        step = state.restore(ckpt, device)
         if part.is_main:
             jsonl.truncate_after(step)
         log.info("resumed from %s (step %d)", ckpt, step)
     else:
         logger.log_params({"config": cfg.model_dump(mode="json"), "num_items": n, "dataset_version": data.version,
-                           "parameters": sum(p.numel() for p in unet.parameters())})
+                           "parameters": sum(p.numel() for p in unet.parameters())}
+                          | ({"latent_cache": str(encoded.folder), "latents_encoded": encoded.encoded,
+                              "vae_sha256": vae_info.sha256} if encoded else {}))
     if part.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     ddp = distributed.wrap(unet, part)  # the unet itself in a single process
-    model = torch.compile(ddp) if t.compile else ddp
+    model = torch.compile(ddp, mode=t.compile_mode) if t.compile else ddp
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     if device.type == "cpu" and t.precision == "bf16" and not (
@@ -197,19 +216,10 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     def checkpoint() -> Path:
         if not part.is_main:
             return part.from_main(None)  # waits until rank 0 has written it
-        state = {
-            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-            "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-            "samples_seen": schedule.samples_before(step),
-        }
-        names = [k for k, _ in unet.named_parameters()]
-        ema_sd = {k: p.detach().cpu() for k, p in zip(names, ema.shadow_params, strict=True)}
-        unet_sd = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-        return part.from_main(save_checkpoint(run_dir, step, unet_sd, ema_sd, state, t.keep_last))
+        return part.from_main(state.save(run_dir, step, t.keep_last, samples_seen=schedule.samples_before(step)))
 
     def loader_from(step: int):  # the training stream from this step's position, in this step's batch size
-        return batch_loader(data.images, cfg.seed, schedule.samples_before(step), schedule.batch_size_at(step),
+        return batch_loader(train_items, cfg.seed, schedule.samples_before(step), schedule.batch_size_at(step),
                             cfg.data.loader_workers, pin_memory=device.type == "cuda", part=part)
 
     batches = loader_from(step)
@@ -218,17 +228,21 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     while step < t.max_steps:
         if schedule.restarts_at(step):  # a warm restart: the new cycle starts like a fine-tune of the last one
             optimizer.state.clear()
-            ema = new_ema()
+            state.ema = new_ema()
             if schedule.batch_size_at(step) != schedule.batch_size_at(step - 1):
                 del batches  # stops its worker processes
                 batches = loader_from(step)
         for micro in range(t.grad_accum):
             idx, pixels, cond_pixels = next(batches)
             position = schedule.samples_before(step) + micro * schedule.batch_size_at(step)
-            side = schedule.resolution_at(step)
-            x0 = _to_model_input(pixels, cfg, position, device, part, channels_last, side)
-            cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part,
-                                                                     channels_last, side)
+            if vae_info is not None:  # pixels: cached posteriors (B, V, 2, C, h, w)
+                x0, cond = _latent_input(pixels, cond_pixels, vae_info, cfg.seed, position, generator, device, part,
+                                         channels_last)
+            else:
+                side = schedule.resolution_at(step)
+                x0 = _to_model_input(pixels, cfg, position, device, part, channels_last, side)
+                cond = None if cond_pixels is None else _to_model_input(cond_pixels, cfg, position, device, part,
+                                                                         channels_last, side)
             rows = cfg_dropout(caption_rows[idx], cfg.context.cfg_dropout, 0, generator, part)
             if cond is not None:  # the condition image has its own dropout, for image guidance
                 cond = image_dropout(cond, data.has_condition[idx], cfg.context.image_dropout, generator, part)
@@ -238,15 +252,9 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
                                           cfg.diffusion.loss_weighting, cfg.diffusion.snr_gamma, part, cond)
                 (loss / t.grad_accum).backward()
         loss_value = part.mean(loss)  # the global batch's loss: every rank takes the same decisions below
-        if not math.isfinite(loss_value):
-            where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
-            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
-                                   "Lower train.lr or raise train.warmup_steps, then resume or restart.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip).item()
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
+        check_finite(loss_value, step, last_good, "Lower train.lr or raise train.warmup_steps, then resume or "
+                     "restart.")
+        grad_norm = state.update(t.grad_clip)
         step += 1
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
@@ -262,14 +270,15 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
         if sample_every and (step % sample_every == 0 or step == t.max_steps):
             # sampled at the side this step trained at (a cycle's resolution)
             trained_at = spec.model_copy(update={"resolution": schedule.resolution_after(step)})
-            log_sample_grid(cfg, step, unet, ema, scheduler, trained_at, data.captions, logger)
+            log_sample_grid(cfg, step, unet, state.ema, scheduler, trained_at, data.captions, logger, vae)
     bar.close()
 
     if not part.is_main:
         return part.from_main(None)  # waits for rank 0's model
-    ema.copy_to(unet.parameters())  # the shipped model carries the EMA weights
+    state.ema.copy_to(unet.parameters())  # the shipped model carries the EMA weights
     unet = unet.to(memory_format=torch.contiguous_format)
-    return part.from_main(save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json")))
+    return part.from_main(save_model(run_dir / "model", unet, scheduler, spec, cfg.model_dump(mode="json"),
+                                     vae_dir=cfg.model.vae))
 
 
 def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part,
@@ -282,6 +291,25 @@ def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, pa
     if cfg.data.random_flip:
         x = random_flip(x, cfg.seed, position, part)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _latent_input(posteriors: torch.Tensor, cond_posteriors: torch.Tensor | None, vae: VaeSpec, seed: int,
+                  position: int, generator: torch.Generator, device, part, channels_last: bool):
+    """A latent model's batch: one draw z = mean + std * noise from each item's cached posterior (of its mirror
+    image where the item is flipped, as _to_model_input flips pixels), scaled as diffusers does; the condition
+    image enters as its posterior mean, flipped with its item. Noise from the training generator, for the whole
+    global batch (`part` keeps this rank's rows): a resumed run draws the same."""
+    rows = torch.arange(len(posteriors))
+    variant = flip_mask(len(posteriors), seed, position, part).long() if posteriors.shape[1] == 2 else 0
+    mean, std = posteriors[rows, variant].unbind(1)
+    noise = part.take(torch.randn((len(mean) * part.world, *mean.shape[1:]), generator=generator))
+    x0 = scale(mean + std * noise, vae).to(device, non_blocking=True)
+    cond = None
+    if cond_posteriors is not None:
+        cond = scale(cond_posteriors[rows, variant, 0], vae).to(device, non_blocking=True)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    return x0, cond
 
 
 def _progress(total: int, initial: int, enabled: bool):

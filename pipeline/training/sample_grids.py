@@ -30,7 +30,8 @@ def grid_prompts(cfg: Config, captions: list[str]) -> list[str]:
     return [unique[round(i * (len(unique) - 1) / (GRID_SIZE - 1))] for i in range(GRID_SIZE)]
 
 
-def log_sample_grid(cfg: Config, step: int, unet, ema, scheduler, spec, captions: list[str], logger) -> Path:
+def log_sample_grid(cfg: Config, step: int, unet, ema, scheduler, spec, captions: list[str], logger,
+                    vae=None) -> Path:
     """Sample the grid prompts with the EMA weights, save RUN_DIR/samples/step-NNNNNNN.png, log it at `step`."""
     prompts = grid_prompts(cfg, captions)
     was_training = unet.training
@@ -39,7 +40,7 @@ def log_sample_grid(cfg: Config, step: int, unet, ema, scheduler, spec, captions
     unet.eval()
     try:
         device = next(unet.parameters()).device
-        model = LoadedModel(unet, dict(scheduler.config), spec, Path(cfg.run_dir))
+        model = LoadedModel(unet, dict(scheduler.config), spec, Path(cfg.run_dir), vae)
         images = generate(model, prompts, list(range(len(prompts))), steps=cfg.tracking.sample_steps,
                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     finally:
