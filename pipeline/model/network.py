@@ -93,11 +93,12 @@ def build_unet(spec: ModelSpec, block_out_channels, layers_per_block: int, atten
     return UNet2DConditionModel(**kwargs)
 
 
-def _coords(batch: int, res: int, like: torch.Tensor) -> torch.Tensor:
-    """x/y in [-1, 1]: the UNet knows where "top left" is."""
-    lin = torch.linspace(-1.0, 1.0, res, device=like.device, dtype=like.dtype)
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    return torch.stack([xx, yy]).expand(batch, 2, res, res)
+def _coords(batch: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """x/y in [-1, 1] across the image (any aspect ratio): the UNet knows where "top left" is."""
+    ys = torch.linspace(-1.0, 1.0, height, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=like.device, dtype=like.dtype)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx, yy]).expand(batch, 2, height, width)
 
 
 def extend_condition_channels(unet, spec: ModelSpec, condition_channels: int):
@@ -134,7 +135,7 @@ def denoise(unet, spec: ModelSpec, x_t: torch.Tensor, t: torch.Tensor, ctx: Cont
     p = spec.patch_size
     h = F.pixel_unshuffle(x_t, p) if p > 1 else x_t
     if spec.coord_channels:
-        h = torch.cat([h, _coords(h.shape[0], h.shape[-1], h)], dim=1)
+        h = torch.cat([h, _coords(h.shape[0], *h.shape[-2:], h)], dim=1)
     if spec.condition_channels:
         c = null_condition(spec, x_t) if cond is None else cond.to(x_t.dtype)
         h = torch.cat([h, F.pixel_unshuffle(c, p) if p > 1 else c], dim=1)

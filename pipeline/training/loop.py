@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
-from pipeline.data.loader import open_training_data
+from pipeline.data.loader import TrainingData, open_training_data
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.model.encoders import EmbeddingCache, build_encoder, context_stats, standardize
 from pipeline.model.folder import load_model, save_model
@@ -34,6 +34,7 @@ from pipeline.training.sample_grids import log_sample_grid
 from pipeline.training.schedule import Schedule
 
 log = logging.getLogger(__name__)
+CYCLES_NEED_SQUARE = "cycles at another resolution need square data"
 
 
 def make_train_scheduler(cfg: Config):
@@ -102,6 +103,25 @@ def prepare_context(cfg: Config, captions: list[str], labels: list[str] | None):
     return encoder, table, torch.tensor([row[cap] for cap in captions])
 
 
+def check_image_sizes(cfg: Config, data: TrainingData) -> None:
+    """Images of other sides than data.resolution (aspect-ratio buckets) must fit the UNet: each side a multiple
+    of what it downsamples by. And a cycle's lower resolution (an area-downsampled square) needs square images."""
+    m = cfg.model
+    multiple = m.patch_size * 2 ** (len(m.block_out_channels) - 1)
+    misfits = [f"{w}x{h}" for h, w in data.image_sizes if h % multiple or w % multiple]
+    if misfits:
+        raise UserError(f"{data.dataset.path}: images of {', '.join(misfits)} px do not fit the UNet, whose input "
+                        f"sides must be multiples of {multiple} (model.patch_size {m.patch_size} x 2^(levels-1), "
+                        "levels = len(model.block_out_channels)): re-ingest with ingest.buckets.step a multiple of "
+                        f"{multiple}, or change model.patch_size / model.block_out_channels")
+    lower = [f"train.cycles[{i}].resolution" for i, c in enumerate(cfg.train.cycles)
+             if c.resolution not in (None, cfg.data.resolution)]
+    if lower and any(h != w for h, w in data.image_sizes):
+        raise UserError(f"{', '.join(lower)}: {CYCLES_NEED_SQUARE}, and {data.dataset.path} holds images of other "
+                        "aspect ratios (ingest.buckets): leave the cycles' resolution out, or re-ingest with "
+                        "--no-buckets")
+
+
 def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None, progress: bool = True,
           overwrite: bool = False) -> Path:
     """Train per `cfg`; returns the final model directory (run_dir/model)."""
@@ -134,6 +154,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     # data and context: images decoded once, captions encoded once (rank 0 first: it fills the disk caches)
     with part.main_first():
         data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
+        check_image_sizes(cfg, data)
         encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
     init = load_model(t.init_from) if t.init_from else None  # fine-tune (or extend) an existing model
     stats = context_stats(table, cfg.context.whiten) if cfg.context.standardize and table.tokens is not None else None
@@ -274,10 +295,12 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
 def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part,
                     channels_last: bool, side: int) -> torch.Tensor:
-    """uint8 images to [-1, 1] on the device, at `side` pixels (the cycle's resolution); an image and its
-    condition image get the same random flip."""
+    """uint8 images to [-1, 1] on the device, area-downsampled to `side` pixels when a cycle trains at that
+    resolution (square images only); an image and its condition image get the same random flip."""
     x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if side != x.shape[-1]:
+    if side != cfg.data.resolution:
+        if x.shape[-2] != x.shape[-1]:
+            raise UserError(f"train.cycles: {CYCLES_NEED_SQUARE} (this batch is {x.shape[-1]}x{x.shape[-2]} px)")
         x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
     if cfg.data.random_flip:
         x = random_flip(x, cfg.seed, position, part)
