@@ -147,7 +147,8 @@ def data_doodle(
 def data_ingest(
     source: str = typer.Argument(..., help="imagefolder (metadata.jsonl), .csv, .tar (WebDataset) or s3:// prefix"),
     name: str = typer.Option(..., "--name", "-n", help="dataset name: written to data/prepared/NAME"),
-    resolution: int = typer.Option(64, min=8, max=2048, help="square side of the prepared images"),
+    resolution: int = typer.Option(64, min=8, max=2048, help="square side of the prepared images (with "
+                                   "--buckets: the side of the square whose area every bucket has)"),
     caption_column: str | None = typer.Option(None, help="caption field (default: 'text', else 'caption')"),
     label_column: str | None = typer.Option(None, help="class label field, for category conditioning"),
     near_duplicates: str | None = typer.Option(None, help="quarantine | flag (default from config: quarantine)"),
@@ -157,6 +158,9 @@ def data_ingest(
                                                 "(e.g. conditioning_image): a sketch per item"),
     doodles: bool = typer.Option(False, "--doodles", help="derive a doodle condition image for every item "
                                  "without one (default from config: ingest.doodles)"),
+    buckets: bool | None = typer.Option(None, "--buckets/--no-buckets", help="keep each image's aspect ratio in "
+                                        "aspect-ratio buckets instead of the centre-cropped square (default from "
+                                        "config: ingest.buckets.enabled)"),
 ):
     """Decode, check and shard an image-text source into a versioned prepared dataset."""
     from pipeline.data.ingest import ingest
@@ -165,6 +169,8 @@ def data_ingest(
     overrides = {k: v for k, v in {"near_duplicates": near_duplicates, "workers": workers,
                                    "doodles": doodles or None}.items() if v is not None}
     base = load_section(config, "ingest", IngestConfig)
+    if buckets is not None:
+        overrides["buckets"] = base.buckets.model_dump() | {"enabled": buckets}
     try:
         cfg = IngestConfig.model_validate(base.model_dump() | overrides)
     except Exception as e:
@@ -184,6 +190,8 @@ def data_ingest(
     table.add_row(f"near duplicates ({info['near_duplicate_policy']})", str(info["near_duplicates"]))
     for note, n in info["notes"].items():
         table.add_row(f"note: {note}", str(n))
+    for bucket, n in info.get("items_per_bucket", {}).items():
+        table.add_row(f"bucket {bucket}", f"{n} ({100 * n / info['num_items']:.0f}%)")
     table.add_row("version", info["version"][:16])
     out.print(table)
     if info["num_quarantined"]:

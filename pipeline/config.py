@@ -44,6 +44,18 @@ SAMPLING = SamplingConfig()  # the defaults, for code that samples without a con
 SAMPLERS: tuple[str, ...] = get_args(SamplingConfig.model_fields["sampler"].annotation)
 
 
+class BucketConfig(_Strict):
+    """Aspect-ratio buckets (pipeline/data/buckets.py): each image is prepared at the bucket size closest to its
+    own aspect ratio, every bucket about the area of the square resolution x resolution, instead of being
+    centre-cropped to that square."""
+
+    enabled: bool = Field(False, description="off: every image centre-cropped to the square")
+    step: int = Field(64, ge=1, description="bucket sides are multiples of this (and of what the UNet "
+                      "downsamples by: model.patch_size x 2^(levels-1))")
+    max_side: int | None = Field(None, ge=1, description="longest bucket side; default: 2 x resolution")
+    max_aspect: float = Field(2.0, ge=1.0, description="longest / shortest side of a bucket")
+
+
 class IngestConfig(_Strict):
     """`diffuse data ingest`: what makes an item unusable, and how the prepared dataset is laid out."""
 
@@ -59,6 +71,13 @@ class IngestConfig(_Strict):
     chunk_size: int = Field(2048, ge=1, description="items decoded per batch of work (bounds memory)")
     doodles: bool = Field(False, description="derive a doodle (pipeline/data/doodle.py) for every item without a "
                           "condition image, so any image-text set can train a sketch model")
+    buckets: BucketConfig = Field(BucketConfig(), description="aspect-ratio buckets instead of square crops")
+
+    def settings(self, exclude: set[str] | None = None) -> dict:
+        """The settings as JSON (dataset.json, cache keys). `buckets` only when enabled: a square-crop dataset
+        records what it recorded before buckets existed."""
+        return self.model_dump(mode="json", exclude=(exclude or set()) | (set() if self.buckets.enabled
+                                                                          else {"buckets"}))
 
 
 # `diffuse data validate` checks and whether a failure stops the pipeline by default (hard: exit 1) or warns (soft)

@@ -1,7 +1,8 @@
 """Every conversion between image files, PIL images, uint8 arrays and model tensors, in one place.
 
 Conventions: a model tensor is (3, R, R) or (N, 3, R, R) float in [-1, 1]; a generated image is (3, R, R) uint8
-(channels first, as torch keeps it); an array from a prepared dataset is (R, R, 3) uint8.
+(channels first, as torch keeps it); an array from a prepared dataset is (H, W, 3) uint8 ((R, R, 3) unless the
+dataset is bucketed).
 """
 
 from __future__ import annotations
@@ -82,6 +83,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, R, R) uint8 -> a PIL RGB image."""
     return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def crop_square(images: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) -> (n, S, S, 3), S = min(H, W): the centre square of each image (a view)."""
+    height, width = images.shape[1:3]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return images[:, top : top + side, left : left + side]
 
 
 def resize_array(images: np.ndarray, resolution: int) -> np.ndarray:

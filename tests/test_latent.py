@@ -150,7 +150,7 @@ def test_a_model_vae_that_is_not_a_vae_is_one_clear_error(tmp_path, shapes_data,
     shutil.copy(tiny_vae / "config.json", weightless / "config.json")
     assert "has no weights" in train_with(weightless)
     # 16 px through 2x downsampling and a 2-level UNet with patch 8: 8x8 latents cannot be halved into patches of 8
-    assert "needs sides divisible by 32" in train_with(tiny_vae, model={"patch_size": 8})
+    assert "must be multiples of 32 (the VAE's 2x downsampling" in train_with(tiny_vae, model={"patch_size": 8})
 
 
 def test_a_model_folder_with_another_vae_is_refused(tmp_path, latent_model, tiny_vae):

@@ -2,8 +2,10 @@
 (pipeline/data/prepared.py).
 
 Images are decoded once, in parallel, into uint8 shards; every item that cannot be used goes to quarantine.jsonl
-with its reason, and the rest are kept. Same input -> byte-identical output. Condition images are prepared exactly
-like the image; `ingest.doodles` derives one (pipeline/data/doodle.py) for every item without one.
+with its reason, and the rest are kept. Same input -> byte-identical output. Each image is centre-cropped to the
+square resolution x resolution, or with `ingest.buckets` resized to cover the aspect-ratio bucket closest to its
+own (pipeline/data/buckets.py) and centre-cropped to it. Condition images get the image's size and crop;
+`ingest.doodles` derives one (pipeline/data/doodle.py) for every item without one.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from pipeline.config import IngestConfig
+from pipeline.data.buckets import bucket_sizes, nearest_bucket
 from pipeline.data.doodle import doodle_from_image
-from pipeline.data.prepared import CONDITIONS_DIR, IMAGES_DIR, SHARD_PATTERN, compute_version, manifest_schema
+from pipeline.data.prepared import (
+    CONDITIONS_DIR,
+    IMAGES_DIR,
+    SHARD_PATTERN,
+    SIZE_COLUMNS,
+    compute_version,
+    manifest_schema,
+)
 from pipeline.data.sources import Quarantined, RawItem, source_items
 from pipeline.errors import UserError
 from pipeline.images import to_rgb
@@ -36,8 +46,10 @@ from pipeline.images import to_rgb
 # ---------------------------------------------------------------- decoding (runs in worker processes)
 
 
-def prepare_image(data: bytes, resolution: int, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
-    """Bytes -> (R, R, 3) uint8 and facts about the source; Quarantined when the image is unusable."""
+def prepare_image(data: bytes, resolution: int, cfg: IngestConfig,
+                  buckets: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, dict]:
+    """Bytes -> (R, R, 3) uint8 and facts about the source; Quarantined when the image is unusable. With
+    `buckets` ((width, height) sizes): (H, W, 3) at the bucket closest to the image's aspect ratio."""
     if not data:
         raise Quarantined("empty_file", "empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
@@ -60,21 +72,30 @@ def prepare_image(data: bytes, resolution: int, cfg: IngestConfig) -> tuple[np.n
     try:
         im.seek(0)
         orientation = im.getexif().get(0x0112, 1)
+        turned = orientation in (5, 6, 7, 8)  # shown rotated by 90 degrees: width and height swap
+        size = (resolution, resolution) if buckets is None else nearest_bucket(*((h, w) if turned else (w, h)),
+                                                                                buckets)
         if im.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target
-            short = min(w, h)
-            im.draft(None, (max(1, w * resolution // short), max(1, h * resolution // short)))
+            im.draft(None, _covering(w, h, *(size[::-1] if turned else size)))
         im.load()
         if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
             notes.append(f"EXIF orientation {orientation} applied")
         im = to_rgb(im, notes)
-        if im.size != (resolution, resolution):
-            im = ImageOps.fit(im, (resolution, resolution), Image.Resampling.BICUBIC)
+        if im.size != size:  # scaled to cover the target, centre-cropped to it
+            im = ImageOps.fit(im, size, Image.Resampling.BICUBIC)
     except Quarantined:
         raise
     except Exception as e:
         raise Quarantined("corrupt", f"corrupt or truncated image ({e})") from None
     return np.asarray(im, dtype=np.uint8), {"orig_width": w, "orig_height": h, "note": "; ".join(notes) or None}
+
+
+def _covering(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """w x h scaled (rounded down) so that it just covers width x height: the side that binds gets its size."""
+    if width * h >= height * w:
+        return width, max(1, h * width // w)
+    return max(1, w * height // h), height
 
 
 def check_caption(caption, max_chars: int) -> str:
@@ -96,48 +117,56 @@ _STAGING: dict[str, np.memmap] = {}
 def _staging(path: str, slots: int, planes: int, resolution: int, mode: str) -> np.memmap:
     """A file-backed array of image slots shared by the main process and the workers: pixels cross processes
     through the page cache instead of being pickled through a pipe (~0.7 ms per 256 px image on 2 cores).
-    Plane 0 of a slot holds the image, plane 1 (when conditions are possible) its condition image."""
+    Plane 0 of a slot holds the image, plane 1 (when conditions are possible) its condition image, each as the
+    first H*W*3 bytes of room for resolution^2 pixels (the most any bucket has)."""
     if path not in _STAGING:
         _STAGING.clear()
-        _STAGING[path] = np.memmap(path, dtype=np.uint8, mode=mode,
-                                   shape=(slots, planes, resolution, resolution, 3))
+        _STAGING[path] = np.memmap(path, dtype=np.uint8, mode=mode, shape=(slots, planes, resolution * resolution * 3))
     return _STAGING[path]
 
 
-def _work(args: tuple[RawItem, int, IngestConfig, str, int, int, int]) -> dict:
+def _staged(staging: np.memmap, slot: int, plane: int, height: int, width: int) -> np.ndarray:
+    """The (height, width, 3) image in a staging slot's plane."""
+    return staging[slot, plane, : height * width * 3].reshape(height, width, 3)
+
+
+def _work(args: tuple[RawItem, int, list[tuple[int, int]] | None, IngestConfig, str, int, int, int]) -> dict:
     """One item, in a worker process: its pixels (and condition pixels) into staging slot `slot`, and a result
     row (or a quarantine record) back."""
-    item, resolution, cfg, staging, slots, planes, slot = args
+    item, resolution, buckets, cfg, staging, slots, planes, slot = args
     if item.error:
         return {"item": item.key, "kind": item.error[0], "reason": item.error[1]}
     try:
         caption = check_caption(item.caption, cfg.max_caption_chars)
-        pixels, facts = prepare_image(item.data, resolution, cfg)
+        pixels, facts = prepare_image(item.data, resolution, cfg, buckets)
         condition, condition_source = _condition(item, item_id(item.key, caption), pixels, resolution, cfg)
     except Quarantined as q:
         return {"item": item.key, "kind": q.kind, "reason": str(q)}
     # phash works on a 32x32 grey thumbnail anyway; a fast box filter makes it here, and the statistics use it too
     thumb = Image.fromarray(pixels).resize((32, 32), Image.Resampling.BOX)
     small = np.asarray(thumb, dtype=np.float32)
+    height, width = pixels.shape[:2]
     slots_array = _staging(staging, slots, planes, resolution, "r+")
-    slots_array[slot, 0] = pixels
+    _staged(slots_array, slot, 0, height, width)[:] = pixels
     if condition is not None:
-        slots_array[slot, 1] = condition
+        _staged(slots_array, slot, 1, height, width)[:] = condition
     return {
         "key": item.key, "caption": caption, "label": item.label, "slot": slot, "condition": condition_source,
         "sha256": hashlib.sha256(item.data).hexdigest(), "phash": str(imagehash.phash(thumb)),
-        "pixel_mean": float(small.mean()), "pixel_std": float(small.std()), **facts,
+        "pixel_mean": float(small.mean()), "pixel_std": float(small.std()), "width": width, "height": height,
+        **facts,
     }
 
 
 def _condition(item: RawItem, iid: str, pixels: np.ndarray, resolution: int,
                cfg: IngestConfig) -> tuple[np.ndarray | None, str | None]:
     """The item's condition image and what it is (manifest column `condition`): its own condition file prepared
-    exactly like the image, else a doodle of the prepared image seeded by the item id (when cfg.doodles: the
-    same on every run and with any worker count), else (None, None)."""
+    exactly like the image (at the image's size: the same bucket), else a doodle of the prepared image seeded by
+    the item id (when cfg.doodles: the same on every run and with any worker count), else (None, None)."""
     if item.condition is not None:
         try:
-            return prepare_image(item.condition, resolution, cfg)[0], item.condition_key
+            size = (pixels.shape[1], pixels.shape[0])
+            return prepare_image(item.condition, resolution, cfg, [size])[0], item.condition_key
         except Quarantined as q:
             raise Quarantined("bad_condition_image", f"condition image {item.condition_key}: {q}") from None
     if cfg.doodles:
@@ -183,41 +212,57 @@ class NearDuplicateIndex:
 
 
 @dataclass
+class _Shard:
+    """A shard being filled: images of one size (and their condition images), and their manifest rows."""
+
+    pixels: np.ndarray  # untouched pages of np.empty cost no memory
+    conditions: np.ndarray | None
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class _Writer:
-    """Fills image shards, and with `conditions` condition shards in step with them (white for an item without
-    one), so row r of either sits at the same (shard, index)."""
+    """Fills image shards of `shard_bytes` at most, each of one image size (a shard per bucket being filled,
+    written when full: with buckets, up to one shard's memory per bucket), and with `conditions` condition shards
+    in step with them (white for an item without one), so row r of either sits at the same (shard, index).
+    Rows stay in the order they were added."""
 
     out: Path
-    resolution: int
-    per_shard: int
+    shard_bytes: int
     conditions: bool = False
     rows: list[dict] = field(default_factory=list)
-    buffer: np.ndarray | None = None  # the shard being filled; untouched pages of np.empty cost no memory
-    condition_buffer: np.ndarray | None = None
-    filled: int = 0
+    filling: dict[tuple[int, int], _Shard] = field(default_factory=dict)  # (height, width) -> its open shard
     shards: int = 0
 
     def add(self, row: dict, pixels: np.ndarray, condition: np.ndarray | None = None) -> None:
-        if self.buffer is None:
-            self.buffer = np.empty((self.per_shard, self.resolution, self.resolution, 3), dtype=np.uint8)
-            if self.conditions:
-                self.condition_buffer = np.empty_like(self.buffer)
-        row["shard"], row["index"] = self.shards, self.filled
+        size = pixels.shape[:2]
+        if size not in self.filling:
+            per_shard = max(1, self.shard_bytes // pixels.nbytes)
+            buffer = np.empty((per_shard, *pixels.shape), dtype=np.uint8)
+            self.filling[size] = _Shard(buffer, np.empty_like(buffer) if self.conditions else None)
+        shard = self.filling[size]
+        row["index"] = len(shard.rows)
+        shard.rows.append(row)
         self.rows.append(row)
-        self.buffer[self.filled] = pixels
+        shard.pixels[row["index"]] = pixels
         if self.conditions:
-            self.condition_buffer[self.filled] = 255 if condition is None else condition
-        self.filled += 1
-        if self.filled == self.per_shard:
-            self.flush()
+            shard.conditions[row["index"]] = 255 if condition is None else condition
+        if len(shard.rows) == len(shard.pixels):
+            self._write(size)
 
     def flush(self) -> None:
-        if self.filled:
-            np.save(self.out / IMAGES_DIR / SHARD_PATTERN.format(self.shards), self.buffer[: self.filled])
-            if self.conditions:
-                np.save(self.out / CONDITIONS_DIR / SHARD_PATTERN.format(self.shards),
-                        self.condition_buffer[: self.filled])
-            self.filled, self.shards = 0, self.shards + 1
+        for size in sorted(self.filling):
+            self._write(size)
+
+    def _write(self, size: tuple[int, int]) -> None:
+        shard = self.filling.pop(size)
+        n = len(shard.rows)
+        for row in shard.rows:
+            row["shard"] = self.shards
+        np.save(self.out / IMAGES_DIR / SHARD_PATTERN.format(self.shards), shard.pixels[:n])
+        if self.conditions:
+            np.save(self.out / CONDITIONS_DIR / SHARD_PATTERN.format(self.shards), shard.conditions[:n])
+        self.shards += 1
 
 
 def item_id(key: str, caption: str) -> str:
@@ -234,6 +279,7 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     """Read `source`, write the prepared dataset to `out_dir` (replaced atomically), return its dataset.json.
     `condition_column`: the metadata/CSV column naming each item's condition image file (empty: none)."""
     cfg = cfg or IngestConfig()
+    buckets = bucket_sizes(resolution, cfg.buckets) if cfg.buckets.enabled else None  # None: the square
     out_dir = Path(out_dir)
     name = name or out_dir.name
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -242,8 +288,7 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     conditions = bool(condition_column or cfg.doodles)
     if conditions:
         (tmp / CONDITIONS_DIR).mkdir()
-    per_shard = max(1, cfg.shard_mb * 2**20 // (resolution * resolution * 3))
-    writer = _Writer(tmp, resolution, per_shard, conditions)
+    writer = _Writer(tmp, cfg.shard_mb * 2**20, conditions)
     planes = 2 if conditions else 1
     slots = max(1, min(cfg.chunk_size, (256 << 20) // (planes * resolution * resolution * 3)))  # staging <= 256 MB
     staging_file = tmp / "staging.u8"
@@ -258,7 +303,8 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     try:
         with ProcessPoolExecutor(max_workers=cfg.workers or os.cpu_count()) as pool:
             while chunk := _take(items, slots):
-                work = [(it, resolution, cfg, str(staging_file), slots, planes, k) for k, it in enumerate(chunk)]
+                work = [(it, resolution, buckets, cfg, str(staging_file), slots, planes, k)
+                        for k, it in enumerate(chunk)]
                 for res in pool.map(_work, work, chunksize=16):
                     bar.update(1)
                     if "reason" in res:
@@ -292,8 +338,8 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
                                 "phash": res["phash"], "orig_width": res["orig_width"],
                                 "orig_height": res["orig_height"], "pixel_mean": res["pixel_mean"],
                                 "pixel_std": res["pixel_std"], "near_duplicate_of": near_of, "note": res["note"],
-                                "condition": res["condition"]},
-                               staging[res["slot"], 0], staging[res["slot"], 1] if res["condition"] else None)
+                                "condition": res["condition"], "width": res["width"], "height": res["height"]},
+                               *_staged_pair(staging, res))
         writer.flush()
         bar.close()
         _STAGING.clear()
@@ -311,12 +357,15 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
                             "--condition-column (e.g. conditioning_image)")
         if not num_conditions:
             shutil.rmtree(tmp / CONDITIONS_DIR, ignore_errors=True)
-        schema = manifest_schema()
+        # the prepared size is only recorded for bucketed datasets: square ones stay as they were
+        schema = manifest_schema() if buckets else pa.schema([f for f in manifest_schema()
+                                                              if f.name not in SIZE_COLUMNS])
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in writer.rows], schema=schema)
         pq.write_table(table, tmp / "manifest.parquet")
         (tmp / "quarantine.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine))
         info = {
-            "name": name, "version": compute_version(tmp), "resolution": resolution, "source": str(source),
+            "name": name, "version": compute_version(tmp), "resolution": resolution,
+            **(_bucket_counts(writer.rows) if buckets else {}), "source": str(source),
             "num_items": len(writer.rows), "num_shards": writer.shards, "num_conditions": num_conditions,
             "condition_column": condition_column,
             "num_train": sum(r["split"] == "train" for r in writer.rows),
@@ -327,7 +376,7 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
             "near_duplicate_policy": cfg.near_duplicates,
             "notes": dict(sorted(Counter(n.split(":")[0].split(" ")[0] for r in writer.rows if r["note"]
                                          for n in r["note"].split("; ")).items())),
-            "ingest": cfg.model_dump(mode="json", exclude={"workers", "chunk_size"}),
+            "ingest": cfg.settings(exclude={"workers", "chunk_size"}),
         }
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
@@ -338,6 +387,21 @@ def ingest(source: str, out_dir: Path, resolution: int, cfg: IngestConfig | None
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _staged_pair(staging: np.memmap, res: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """A worker's result's image and condition image (None without one) in the staging file."""
+    size = res["height"], res["width"]
+    return (_staged(staging, res["slot"], 0, *size),
+            _staged(staging, res["slot"], 1, *size) if res["condition"] else None)
+
+
+def _bucket_counts(rows: list[dict]) -> dict:
+    """dataset.json's record of a bucketed dataset: the buckets ([width, height]) its items use, and how many
+    items each holds."""
+    counts = Counter((r["width"], r["height"]) for r in rows)
+    return {"buckets": [list(b) for b in sorted(counts)],
+            "items_per_bucket": {f"{w}x{h}": counts[w, h] for w, h in sorted(counts)}}
 
 
 def _take(it: Iterator, n: int) -> list:

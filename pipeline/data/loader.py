@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 class ShardImages(torch.utils.data.Dataset):
     """Train-split images of a prepared dataset, fetched a batch at a time from memory-mapped shards; with
-    `conditions`, each item's condition image too (white for an item that has none)."""
+    `conditions`, each item's condition image too (white for an item that has none). The items of one batch
+    must share a size: in a bucketed dataset, one bucket's (`bucket_groups`)."""
 
     def __init__(self, ds: PreparedDataset, rows: np.ndarray, conditions: bool = False):
         self.ds, self.rows, self.with_conditions = ds, rows, conditions
@@ -34,9 +35,18 @@ class ShardImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def bucket_groups(self) -> list[np.ndarray] | None:
+        """Positions 0..len-1 of the items grouped by image size (bucket), in size order; None when all items
+        share one size. The training stream (pipeline/training/batches.py) draws every batch from one group."""
+        sizes, group = np.unique(self.ds.sizes[self.rows], axis=0, return_inverse=True)
+        if len(sizes) < 2:
+            return None
+        group = group.reshape(-1)
+        return [np.flatnonzero(group == g) for g in range(len(sizes))]
+
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rows = self.rows[np.asarray(idx)]
-        pixels = torch.from_numpy(self.ds.images(rows)).permute(0, 3, 1, 2)  # (B, 3, R, R) uint8
+        pixels = torch.from_numpy(self.ds.images(rows)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         cond = torch.from_numpy(self.ds.conditions(rows)).permute(0, 3, 1, 2) if self.with_conditions else None
         return torch.as_tensor(idx), pixels, cond
 
@@ -52,6 +62,11 @@ class TrainingData:
     @property
     def version(self) -> str:
         return self.dataset.version
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) of the train items' images, each size once: (R, R) only for square data."""
+        return [(h, w) for h, w in np.unique(self.dataset.sizes[self.images.rows], axis=0).tolist()]
 
 
 def open_training_data(data_cfg, ingest_cfg, conditions: bool = False) -> TrainingData:
@@ -96,7 +111,7 @@ def _ingest_cached(data_cfg, ingest_cfg) -> Path:
         st = f.stat()
         h.update(f"{f.relative_to(src).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([data_cfg.resolution, data_cfg.caption_column, data_cfg.label_column,
-                         data_cfg.condition_column, ingest_cfg.model_dump(mode="json")]).encode())
+                         data_cfg.condition_column, ingest_cfg.settings()]).encode())
     out = Path(data_cfg.prepared_cache) / f"{src.name}-{h.hexdigest()[:16]}"
     if not is_prepared(out):
         log.info("ingesting %s into %s (once; later runs reuse it)", src, out)

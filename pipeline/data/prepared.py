@@ -1,13 +1,21 @@
 """A prepared dataset version: what `diffuse data ingest` writes and everything downstream reads.
 
     data/prepared/NAME/
-        shards/shard-00000.npy    (n, R, R, 3) uint8; memory-mapped on load, no per-image decoding
+        shards/shard-00000.npy    (n, H, W, 3) uint8, one image size per shard: (n, R, R, 3) for a square
+                                  dataset; memory-mapped on load, no per-image decoding
         conditions/shard-00000.npy  optional: each item's condition image (a doodle, a sketch), same shards, sizes
                                   and rows as shards/ (row r's condition sits at r's (shard, index)); white where
                                   an item has none. Present only when dataset.json's num_conditions > 0
-        manifest.parquet          one row per kept item (columns: MANIFEST_SCHEMA)
+        manifest.parquet          one row per kept item (columns: manifest_schema()); an item's pixels sit at its
+                                  (shard, index), not in manifest order
         quarantine.jsonl          {"item": ..., "reason": ...} per rejected item
         dataset.json              name, version, resolution, counts (num_conditions: items with a condition)
+
+A square dataset holds every image centre-cropped to R x R (R = dataset.json's resolution). A bucketed one
+(`ingest.buckets`, pipeline/data/buckets.py) holds each image at an aspect-ratio bucket of about R x R pixels:
+dataset.json lists the `buckets` ([width, height]) its items use and `items_per_bucket`, and the manifest has
+`width` and `height` columns. `images(rows)` reads rows of one size; `by_size` reads any rows a size at a time,
+`square_images` at one square size (centre-cropped); `sizes` says each row's.
 
 `version` is the sha256 of the manifest, shard and condition shard bytes: the same data gives the same version.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,11 +35,13 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.errors import UserError
+from pipeline.images import crop_square, resize_array
 
 DATA_ROOT_ENV = "DIFFUSE_DATA_ROOT"
 DEFAULT_ROOT = Path("data/prepared")
 SHARD_PATTERN = "shard-{:05d}.npy"
 IMAGES_DIR, CONDITIONS_DIR = "shards", "conditions"
+SIZE_COLUMNS = ("width", "height")  # manifest columns of bucketed datasets only
 
 
 def manifest_schema():
@@ -46,6 +57,8 @@ def manifest_schema():
         ("orig_height", pa.int32()),
         ("shard", pa.int32()),
         ("index", pa.int32()),            # row inside the shard
+        ("width", pa.int32()),            # prepared size (a bucket); bucketed datasets only
+        ("height", pa.int32()),
         ("pixel_mean", pa.float32()),     # of the prepared RGB image (a 32x32 thumbnail of it), 0..255
         ("pixel_std", pa.float32()),      # same; near 0: a constant (blank) image
         ("near_duplicate_of", pa.string()),  # id of an earlier kept item with a near-identical image, or null
@@ -133,26 +146,73 @@ class PreparedDataset:
     def __len__(self) -> int:
         return int(self.info["num_items"])
 
+    @property
+    def is_bucketed(self) -> bool:
+        """Whether images keep their aspect ratio in buckets (`ingest.buckets`) instead of the square crop."""
+        return self.info.get("buckets") is not None
+
     @cached_property
-    def _offsets(self) -> np.ndarray:
-        return np.cumsum([0] + [len(s) for s in self.shards])
+    def _locations(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each manifest row's (shard, index): where its pixels are stored."""
+        m = self.manifest
+        return m["shard"].to_numpy(dtype=np.int64), m["index"].to_numpy(dtype=np.int64)
+
+    @cached_property
+    def _shard_sizes(self) -> np.ndarray:
+        """(num_shards, 2): the (height, width) of each image shard's images, from the .npy headers (the
+        memory maps are not kept: a pickled copy of this object, e.g. for a DataLoader worker, stays small)."""
+        return np.array([np.load(self.path / IMAGES_DIR / SHARD_PATTERN.format(i), mmap_mode="r").shape[1:3]
+                         for i in range(int(self.info["num_shards"]))], dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(len, 2): each manifest row's (height, width) as stored; all (R, R) in a square dataset."""
+        return self._shard_sizes[self._locations[0]]
 
     def images(self, rows) -> np.ndarray:
-        """(len(rows), R, R, 3) uint8 for manifest rows `rows` (items are stored in manifest order)."""
+        """(len(rows), H, W, 3) uint8 for manifest rows `rows`, which must share one size (H, W): a ValueError
+        when they do not (group rows by `sizes`, or read them with `square_images`)."""
         return self._gather(self.shards, rows)
 
     def conditions(self, rows) -> np.ndarray:
-        """(len(rows), R, R, 3) uint8 condition images for manifest rows `rows`, white where an item has none
-        (manifest column `condition` null); a UserError when the dataset has no condition images."""
+        """(len(rows), H, W, 3) uint8 condition images for manifest rows `rows` (of one size, as `images`),
+        white where an item has none (manifest column `condition` null); a UserError when the dataset has no
+        condition images."""
         return self._gather(self.condition_shards, rows)
 
+    def square_images(self, rows, side: int) -> np.ndarray:
+        """(len(rows), side, side, 3) uint8 for manifest rows `rows` of any sizes: each image centre-cropped to
+        a square and resized to side x side (area average down, bilinear up), for code that compares images
+        at one square size (evaluation, reports). A square dataset's images at side R are returned as stored."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), side, side, 3), dtype=np.uint8)
+        for at, images in self.by_size(rows):
+            out[at] = resize_array(crop_square(images), side)
+        return out
+
+    def by_size(self, rows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Manifest rows `rows` of any sizes, a size at a time: (positions in `rows`, their images)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        sizes = self.sizes[rows]
+        for size in np.unique(sizes, axis=0):
+            at = np.flatnonzero((sizes == size).all(axis=1))
+            yield at, self.images(rows[at])
+
     def _gather(self, shards: list[np.ndarray], rows) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        shard = np.searchsorted(self._offsets, rows, side="right") - 1
-        out = np.empty((len(rows), self.resolution, self.resolution, 3), dtype=np.uint8)
-        for s in np.unique(shard):
-            sel = shard == s
-            out[sel] = shards[s][rows[sel] - self._offsets[s]]
+        """The pixels of manifest rows `rows` from `shards`, read shard by shard (no per-row Python work)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        shard, index = (where[rows] for where in self._locations)
+        sizes = np.unique(self._shard_sizes[np.unique(shard)], axis=0)
+        if len(sizes) > 1:
+            raise ValueError(f"{self.path}: these rows hold images of several sizes "
+                             f"({', '.join(f'{w}x{h}' for h, w in sizes)}) and cannot share one array: read one "
+                             "size at a time (PreparedDataset.sizes) or use square_images")
+        height, width = sizes[0] if len(sizes) else (self.resolution, self.resolution)
+        out = np.empty((len(rows), height, width, 3), dtype=np.uint8)
+        order = np.argsort(shard, kind="stable")
+        for at in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1):
+            if len(at):
+                out[at] = shards[shard[at[0]]][index[at]]
         return out
 
     def quarantine(self) -> list[dict]:

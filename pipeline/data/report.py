@@ -166,14 +166,17 @@ def near_duplicate_clusters(ds: PreparedDataset, top_k: int) -> dict:
 
 
 def contact_sheet(ds: PreparedDataset, out: Path, count: int, seed: int = 0) -> Path:
+    """`count` random images in cells of R x R; a bucketed dataset's images whole, shrunk to fit and centred."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(ds), size=min(count, len(ds)), replace=False))
-    imgs = ds.images(rows)
     cols = math.ceil(math.sqrt(len(rows)))
     r = ds.resolution
     sheet = Image.new("RGB", (cols * r, math.ceil(len(rows) / cols) * r), "white")
-    for i, img in enumerate(imgs):
-        sheet.paste(Image.fromarray(img), ((i % cols) * r, (i // cols) * r))
+    for at, imgs in ds.by_size(rows):
+        for i, img in zip(at.tolist(), imgs, strict=True):
+            cell = Image.fromarray(img)
+            cell.thumbnail((r, r))
+            sheet.paste(cell, ((i % cols) * r + (r - cell.width) // 2, (i // cols) * r + (r - cell.height) // 2))
     sheet.save(out)
     return out
 

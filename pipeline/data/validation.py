@@ -1,9 +1,12 @@
 """The data gate: a Great Expectations suite over a prepared dataset, run before anything trains on it.
 
 Two GX data assets: the manifest (one row per item) and one row of dataset-level statistics (quarantine and
-duplicate rates, near-constant images, caption vocabulary, item count, image shape). Each check is hard (a
-failure fails the gate: `diffuse data validate` exits 1) or soft (a warning); thresholds and severities come
-from the `validation:` config section (pipeline/config.py: ValidationConfig, VALIDATION_CHECKS).
+duplicate rates, near-constant images, caption vocabulary, item count, image shape, shard layout). Each check is
+hard (a failure fails the gate: `diffuse data validate` exits 1) or soft (a warning); thresholds and severities
+come from the `validation:` config section (pipeline/config.py: ValidationConfig, VALIDATION_CHECKS). A bucketed
+dataset (pipeline/data/buckets.py) passes image_shape when every shard holds one of dataset.json's buckets within
+the pixel budget resolution^2, and shards_match_manifest when every item's shard holds images of its manifest
+width and height.
 
 Written next to the dataset, in DATASET.validation/ (outside the dataset folder: DVC forbids one stage's output
 inside another's, and writing into the dataset would change the ingest stage's output):
@@ -38,10 +41,18 @@ from great_expectations.data_context.types.base import (  # noqa: E402
 from great_expectations.expectations.metadata_types import FailureSeverity  # noqa: E402
 
 from pipeline.config import ValidationConfig, load_section, read_yaml
-from pipeline.data.prepared import CONDITIONS_DIR, IMAGES_DIR, SHARD_PATTERN, PreparedDataset, open_prepared
+from pipeline.data.prepared import (
+    CONDITIONS_DIR,
+    IMAGES_DIR,
+    SHARD_PATTERN,
+    SIZE_COLUMNS,
+    PreparedDataset,
+    open_prepared,
+)
 from pipeline.errors import UserError
 
 REQUIRED_COLUMNS = ("id", "caption", "split", "sha256", "shard", "index", "pixel_std", "near_duplicate_of")
+SHARDS_MATCH = "matches the manifest"
 WORD = re.compile(r"[^\W\d_]+", re.UNICODE)  # words of letters: digits and punctuation do not widen a vocabulary
 
 
@@ -89,35 +100,88 @@ class ValidationResult:
 # ---------------------------------------------------------------- statistics
 
 
-def _shard_shape(ds: PreparedDataset) -> tuple[str, int]:
-    """The common image shape of all shards ("RxRx3") and their total rows; a missing, unreadable or odd
-    shard is named in the shape string so the image_shape check fails with the reason. Condition shards, when
-    the dataset has them, must match the image shards shard for shard (same rows, same shape)."""
-    shapes, rows, out_of_step = set(), 0, None
-    folders = [IMAGES_DIR, CONDITIONS_DIR] if ds.has_conditions else [IMAGES_DIR]
+def _headers(ds: PreparedDataset, folder: str) -> list[tuple[int, ...] | str]:
+    """Each shard's array shape in `folder` (from its .npy header: no pixels are read), or what is wrong with it."""
+    out = []
     for i in range(int(ds.info.get("num_shards", 0))):
-        lengths = []
-        for folder in folders:
-            f = ds.path / folder / SHARD_PATTERN.format(i)
-            name = f"{folder}/{f.name}"
-            try:
-                arr = np.load(f, mmap_mode="r")  # header only: no pixels are read
-            except FileNotFoundError:
-                return f"missing {name}", rows
-            except (OSError, ValueError) as e:
-                return f"unreadable {name} ({e})", rows
-            if arr.ndim != 4 or arr.dtype != np.uint8:
-                return f"{name}: {arr.dtype} array of shape {arr.shape}, expected (n, R, R, 3) uint8", rows
-            shapes.add("x".join(map(str, arr.shape[1:])))
-            lengths.append(arr.shape[0])
-        if len(set(lengths)) > 1 and out_of_step is None:
-            out_of_step = f"{CONDITIONS_DIR}/{SHARD_PATTERN.format(i)}: {lengths[1]} rows, its image shard {lengths[0]}"
-        rows += lengths[0]
-    if not shapes:
-        return "no shards", rows
-    if out_of_step:
-        return out_of_step, rows
-    return (shapes.pop() if len(shapes) == 1 else "mixed: " + ", ".join(sorted(shapes))), rows
+        f = ds.path / folder / SHARD_PATTERN.format(i)
+        name = f"{folder}/{f.name}"
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except FileNotFoundError:
+            out.append(f"missing {name}")
+            continue
+        except (OSError, ValueError) as e:
+            out.append(f"unreadable {name} ({e})")
+            continue
+        ok = arr.ndim == 4 and arr.dtype == np.uint8 and arr.shape[-1] == 3
+        out.append(arr.shape if ok else f"{name}: {arr.dtype} array of shape {arr.shape}, expected (n, H, W, 3) uint8")
+    return out
+
+
+def bucketed_shape(resolution: int) -> str:
+    """The image_shape statistic of a good bucketed dataset."""
+    return f"buckets within {resolution}x{resolution} px"
+
+
+def _image_shape(ds: PreparedDataset, images: list, conditions: list, resolution: int) -> str:
+    """The common image shape of all shards ("RxRx3"), or for a bucketed dataset whether every shard holds one of
+    dataset.json's buckets within the pixel budget resolution^2; a missing, unreadable or odd shard is named, so
+    the image_shape check fails with the reason. Condition shards, when the dataset has them, must match the
+    image shards shard for shard (same rows, same shape)."""
+    problems = [h for h in images + conditions if isinstance(h, str)]
+    if problems:
+        return problems[0]
+    if not images:
+        return "no shards"
+    for i, (image, condition) in enumerate(zip(images, conditions, strict=False)):
+        if condition != image:
+            where = f"{CONDITIONS_DIR}/{SHARD_PATTERN.format(i)}"
+            if condition[0] != image[0]:
+                return f"{where}: {condition[0]} rows, its image shard {image[0]}"
+            return f"{where}: {_shape(condition)} images, its image shard {_shape(image)}"
+    if not ds.is_bucketed:
+        shapes = sorted({_shape(h) for h in images})
+        return shapes[0] if len(shapes) == 1 else "mixed: " + ", ".join(shapes)
+    buckets = {tuple(b) for b in ds.info["buckets"]}
+    for i, (_, height, width, _) in enumerate(images):
+        name = f"{IMAGES_DIR}/{SHARD_PATTERN.format(i)}"
+        if (width, height) not in buckets:
+            return f"{name}: {width}x{height} images, not one of dataset.json's buckets"
+        if width * height > resolution * resolution:
+            return f"{name}: {width}x{height} images, over the pixel budget of {resolution}x{resolution}"
+    return bucketed_shape(resolution)
+
+
+def _shape(header: tuple[int, ...]) -> str:
+    return "x".join(map(str, header[1:]))
+
+
+def _shard_layout(m: pd.DataFrame, images: list) -> str:
+    """SHARDS_MATCH when the image shards hold exactly the manifest's rows, each at its (shard, index) and, where
+    the manifest records them (bucketed datasets), of its width x height; else the first mismatch found."""
+    lengths = np.array([0 if isinstance(h, str) else h[0] for h in images] + [0], dtype=np.int64)
+    if lengths.sum() != len(m):
+        return f"{lengths.sum()} shard rows for {len(m)} manifest rows"
+    shard = m["shard"].fillna(-1).to_numpy(dtype=np.int64)
+    index = m["index"].fillna(-1).to_numpy(dtype=np.int64)
+    shard = np.where((shard >= 0) & (shard < len(images)), shard, len(images))  # past the end: the 0-row entry
+    outside = np.flatnonzero((index < 0) | (index >= lengths[shard]))
+    if len(outside):
+        r = outside[0]
+        return (f"{len(outside)} manifest rows point outside the shards, e.g. row {r} at (shard "
+                f"{m['shard'].iloc[r]}, index {m['index'].iloc[r]})")
+    if set(SIZE_COLUMNS) <= set(m.columns):
+        stored = np.array([(0, 0) if isinstance(h, str) else h[1:3] for h in images],
+                          dtype=np.int64).reshape(-1, 2)[shard]
+        given = m[["height", "width"]].fillna(-1).to_numpy(dtype=np.int64)
+        differ = np.flatnonzero((stored != given).any(axis=1))
+        if len(differ):
+            r = differ[0]
+            return (f"{len(differ)} manifest rows' width x height differ from their shard's images, e.g. row {r}: "
+                    f"{given[r, 1]}x{given[r, 0]} in the manifest, {stored[r, 1]}x{stored[r, 0]} in "
+                    f"{IMAGES_DIR}/{SHARD_PATTERN.format(shard[r])}")
+    return SHARDS_MATCH
 
 
 def dataset_statistics(ds: PreparedDataset, cfg: ValidationConfig) -> dict:
@@ -136,18 +200,21 @@ def dataset_statistics(ds: PreparedDataset, cfg: ValidationConfig) -> dict:
     near = kinds["near_duplicate"] + int(m["near_duplicate_of"].notna().sum())
     unusable = len(quarantine) - kinds["duplicate"] - kinds["near_duplicate"]
     vocab = {w for c in m["caption"].dropna().astype(str) for w in WORD.findall(c.lower())}
-    image_shape, shard_rows = _shard_shape(ds)
+    images = _headers(ds, IMAGES_DIR)
+    conditions = _headers(ds, CONDITIONS_DIR) if ds.has_conditions else []
+    resolution = cfg.resolution or int(ds.info.get("resolution", -1))
     per = max(source_items, 1)
     return {
         "num_items": n,
-        "shard_rows": shard_rows,
+        "shard_rows": sum(h[0] for h in images if not isinstance(h, str)),
+        "shard_layout": _shard_layout(m, images),
         "num_quarantined": len(quarantine),
         "source_items": source_items,
         "num_train": int((m["split"] == "train").sum()),
         "num_eval": int((m["split"] == "eval").sum()),
         "distinct_images": int(m["sha256"].nunique()),
         "resolution": int(ds.info.get("resolution", -1)),
-        "image_shape": image_shape,
+        "image_shape": _image_shape(ds, images, conditions, resolution),
         "quarantine_rate": round(unusable / per, 6),
         "exact_duplicate_rate": round(exact / per, 6),
         "near_duplicate_rate": round(near / per, 6),
@@ -159,10 +226,11 @@ def dataset_statistics(ds: PreparedDataset, cfg: ValidationConfig) -> dict:
 # ---------------------------------------------------------------- the suite
 
 
-def _expectations(cfg: ValidationConfig, resolution: int):
+def _expectations(cfg: ValidationConfig, resolution: int, bucketed: bool):
     """(check name, frame "manifest" | "stats", GX expectation, readable expectation) for every check."""
     lo, hi = cfg.caption_min_chars, cfg.caption_max_chars
-    shape = f"{resolution}x{resolution}x3"
+    shape = bucketed_shape(resolution) if bucketed else f"{resolution}x{resolution}x3"
+    layout = "shard rows == manifest rows, each at its (shard, index)" + (" and width x height" if bucketed else "")
     return [
         ("ids_present", "manifest", gxe.ExpectColumnValuesToNotBeNull(column="id"), "every item has an id"),
         ("ids_unique", "manifest", gxe.ExpectColumnValuesToBeUnique(column="id"), "ids unique"),
@@ -182,12 +250,12 @@ def _expectations(cfg: ValidationConfig, resolution: int):
         ("item_count", "stats", gxe.ExpectColumnValuesToBeBetween(column="num_items", min_value=cfg.min_items),
          f">= {cfg.min_items} items"),
         ("shards_match_manifest", "stats",
-         gxe.ExpectColumnPairValuesToBeEqual(column_A="num_items", column_B="shard_rows"),
-         "shard rows == manifest rows"),
+         gxe.ExpectColumnValuesToBeInSet(column="shard_layout", value_set=[SHARDS_MATCH]), layout),
         ("resolution", "stats", gxe.ExpectColumnValuesToBeInSet(column="resolution", value_set=[resolution]),
          f"{resolution} in dataset.json"),
         ("image_shape", "stats", gxe.ExpectColumnValuesToBeInSet(column="image_shape", value_set=[shape]),
-         f"shard images {shape}"),
+         f"shard images of dataset.json's buckets, within {resolution}x{resolution} px" if bucketed
+         else f"shard images {shape}"),
         ("quarantine_rate", "stats", _at_most(gxe, "quarantine_rate", cfg.max_quarantine_rate),
          f"<= {cfg.max_quarantine_rate}"),
         ("exact_duplicate_rate", "stats", _at_most(gxe, "exact_duplicate_rate", cfg.max_exact_duplicate_rate),
@@ -256,7 +324,7 @@ def validate_dataset(name_or_path: str | Path, cfg: ValidationConfig | None = No
     source = ctx.data_sources.add_pandas("prepared")
     frames = {"manifest": ds.manifest, "stats": pd.DataFrame([stats])}
     suites, checks, skipped = {}, {}, []
-    for name, frame, expectation, expected in _expectations(cfg, resolution):
+    for name, frame, expectation, expected in _expectations(cfg, resolution, ds.is_bucketed):
         severity = cfg.severity_of(name)
         if severity == "off":
             skipped.append(name)

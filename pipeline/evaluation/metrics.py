@@ -20,7 +20,6 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
-from pipeline.images import resize_array
 from pipeline.model.network import denoise
 from pipeline.model.sampling import encode_prompts
 from pipeline.model.vae import encode
@@ -63,8 +62,8 @@ def denoising_mse(model, images: np.ndarray, captions: list[str], buckets: int, 
 def copy_rate(generated: torch.Tensor, dataset, train_rows: np.ndarray, data_resolution: int, resolution: int,
               threshold: float, chunk: int = 4096) -> dict[str, float]:
     """Share of generated images (N, 3, R, R uint8) whose nearest training image (rows `train_rows` of the prepared
-    `dataset`, brought to `data_resolution`), compared as RMS pixel distance on a 0..1 scale at `resolution`, is
-    closer than `threshold`. Training images are read in chunks."""
+    `dataset`, brought to `data_resolution`; a bucketed dataset's centre squares), compared as RMS pixel distance
+    on a 0..1 scale at `resolution`, is closer than `threshold`. Training images are read in chunks."""
 
     def small(x: torch.Tensor) -> torch.Tensor:
         x = x.float().div(255.0)
@@ -75,7 +74,7 @@ def copy_rate(generated: torch.Tensor, dataset, train_rows: np.ndarray, data_res
     gen = small(generated)
     best = torch.full((len(gen),), float("inf"))
     for i in range(0, len(train_rows), chunk):
-        pixels = resize_array(dataset.images(train_rows[i:i + chunk]), data_resolution)
+        pixels = dataset.square_images(train_rows[i:i + chunk], data_resolution)
         ref = small(torch.from_numpy(pixels).permute(0, 3, 1, 2))
         best = torch.minimum(best, torch.cdist(gen, ref).min(dim=1).values)
     rms = best / gen.shape[1] ** 0.5

@@ -33,7 +33,7 @@ from pipeline.data.loader import open_training_data
 from pipeline.data.prepared import is_prepared, open_prepared
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import clip_score, copy_rate, denoising_mse, fid_and_kid
-from pipeline.images import grid, resize_array, to_pil
+from pipeline.images import grid, to_pil
 from pipeline.model.folder import load_model, read_train_config
 from pipeline.model.network import ModelSpec
 from pipeline.model.sampling import generate
@@ -51,7 +51,7 @@ HIGHER_IS_BETTER = {"adherence": True, "clip_score": True, "denoise_mse": False,
 class EvalData:
     path: Path
     version: str | None
-    heldout_images: np.ndarray  # (n, R, R, 3) uint8 at the model's resolution
+    heldout_images: np.ndarray  # (n, R, R, 3) uint8 at the model's resolution (bucketed: centre squares)
     heldout_captions: list[str]
     dataset: object  # PreparedDataset: training images for the copy rate are read from it in chunks
     train_rows: np.ndarray
@@ -100,7 +100,7 @@ def load_eval_data(path: Path, resolution: int, ec: EvaluationConfig, train_cfg:
         rule = (f"no eval split in the data: {len(heldout)} items chosen by id hash (also trained on, so the "
                 "denoising MSE is not a held-out measure)")
     captions = heldout["caption"].tolist()
-    return EvalData(path, ds.version, resize_array(ds.images(heldout.index.to_numpy()), resolution), captions, ds,
+    return EvalData(path, ds.version, ds.square_images(heldout.index.to_numpy(), resolution), captions, ds,
                     train_rows, resolution, _looks_like_shapes(path, captions), rule)
 
 

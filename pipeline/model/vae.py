@@ -91,16 +91,6 @@ def load_vae(path: Path, device: str | torch.device = "cpu", expected: VaeSpec |
     return vae.to(device).eval().requires_grad_(False)
 
 
-def check_sides(spec: VaeSpec, sides: dict[str, int], unet_levels: int, patch_size: int) -> None:
-    """Every side a latent model trains or samples at must map onto whole latents the UNet can halve."""
-    multiple = spec.downsample * patch_size * 2 ** (unet_levels - 1)
-    bad = {k: v for k, v in sides.items() if v % multiple}
-    if bad:
-        what = ", ".join(f"{k} {v}" for k, v in bad.items())
-        raise UserError(f"{what}: a latent model needs sides divisible by {multiple} (the VAE's {spec.downsample}x "
-                        f"downsampling x model.patch_size {patch_size} x 2^(UNet levels-1) {2 ** (unet_levels - 1)})")
-
-
 @torch.no_grad()
 def posterior(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE's latent posterior for images in [-1, 1], unscaled."""

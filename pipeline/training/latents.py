@@ -55,12 +55,9 @@ def entry_key(pixels: np.ndarray, variants: int) -> bytes:
 
 
 def _shape_groups(ds: PreparedDataset, rows: np.ndarray) -> list[np.ndarray]:
-    """`rows` split into groups of one image shape (one group for a square dataset)."""
-    m = ds.manifest
-    if "width" not in m.columns or m["width"].isna().all():
-        return [rows]
-    shapes = m["height"].to_numpy()[rows].astype(np.int64) * 100_000 + m["width"].to_numpy()[rows]
-    return [rows[shapes == s] for s in np.unique(shapes)]
+    """`rows` split into groups of one image size (one group for a square dataset)."""
+    sizes = ds.sizes[rows]
+    return [rows[(sizes == size).all(axis=1)] for size in np.unique(sizes, axis=0)]
 
 
 def _row_keys(ds: PreparedDataset, rows: np.ndarray, variants: int, conditions: bool) -> np.ndarray:

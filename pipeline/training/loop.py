@@ -22,12 +22,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipeline.config import Config
-from pipeline.data.loader import open_training_data
+from pipeline.data.loader import TrainingData, open_training_data
 from pipeline.errors import UserError
 from pipeline.model.encoders import EmbeddingCache, build_encoder, context_stats, standardize
 from pipeline.model.folder import load_model, save_model
 from pipeline.model.network import ModelSpec, build_unet, extend_condition_channels
-from pipeline.model.vae import VaeSpec, check_sides, load_vae, scale, vae_spec
+from pipeline.model.vae import VaeSpec, load_vae, scale, vae_spec
 from pipeline.training import distributed
 from pipeline.training.batches import batch_loader, flip_mask, random_flip
 from pipeline.training.checkpoints import checkpoint_dirs, latest_checkpoint
@@ -39,6 +39,7 @@ from pipeline.training.schedule import Schedule
 from pipeline.training.state import TrainState, check_finite
 
 log = logging.getLogger(__name__)
+CYCLES_NEED_SQUARE = "cycles at another resolution need square data"
 
 
 def make_train_scheduler(cfg: Config):
@@ -113,6 +114,27 @@ def prepare_context(cfg: Config, captions: list[str], labels: list[str] | None):
     return encoder, table, torch.tensor([row[cap] for cap in captions])
 
 
+def check_image_sizes(cfg: Config, data: TrainingData, vae: VaeSpec | None = None) -> None:
+    """Every image size (data.resolution, or each aspect-ratio bucket) must fit the UNet: each side a multiple of
+    what it downsamples by (times a latent model's VAE downsampling). And a cycle's lower resolution (an
+    area-downsampled square) needs square images."""
+    m = cfg.model
+    multiple = m.patch_size * 2 ** (len(m.block_out_channels) - 1) * (vae.downsample if vae else 1)
+    misfits = [f"{w}x{h}" for h, w in data.image_sizes if h % multiple or w % multiple]
+    if misfits:
+        through = f"the VAE's {vae.downsample}x downsampling x " if vae else ""
+        raise UserError(f"{data.dataset.path}: images of {', '.join(misfits)} px do not fit the model, whose input "
+                        f"sides must be multiples of {multiple} ({through}model.patch_size {m.patch_size} x "
+                        "2^(levels-1), levels = len(model.block_out_channels)): re-ingest with ingest.buckets.step "
+                        f"a multiple of {multiple}, or change model.patch_size / model.block_out_channels")
+    lower = [f"train.cycles[{i}].resolution" for i, c in enumerate(cfg.train.cycles)
+             if c.resolution not in (None, cfg.data.resolution)]
+    if lower and any(h != w for h, w in data.image_sizes):
+        raise UserError(f"{', '.join(lower)}: {CYCLES_NEED_SQUARE}, and {data.dataset.path} holds images of other "
+                        "aspect ratios (ingest.buckets): leave the cycles' resolution out, or re-ingest with "
+                        "--no-buckets")
+
+
 def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None, progress: bool = True,
           overwrite: bool = False) -> Path:
     """Train per `cfg`; returns the final model directory (run_dir/model)."""
@@ -142,15 +164,14 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     sample_every = cfg.tracking.sample_every if logger and part.is_main else 0  # grids only for a tracking logger
     logger = Loggers(jsonl, *([logger] if logger else [])) if part.is_main else Loggers()  # rank 0 logs
 
+    vae_info = vae_spec(cfg.model.vae) if cfg.model.vae is not None else None  # a latent model's VAE, checked
     # data and context: images decoded once, captions encoded once (rank 0 first: it fills the disk caches)
     with part.main_first():
         data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
+        check_image_sizes(cfg, data, vae_info)
         encoder, table, caption_rows = prepare_context(cfg, data.captions, data.labels)
-    train_items, vae, vae_info, encoded = data.images, None, None, None
-    if cfg.model.vae is not None:  # a latent model: its images as VAE latents, encoded once into the cache
-        vae_info = vae_spec(cfg.model.vae)
-        check_sides(vae_info, {"data.resolution": cfg.data.resolution}, len(cfg.model.block_out_channels),
-                    cfg.model.patch_size)
+    train_items, vae, encoded = data.images, None, None
+    if vae_info is not None:  # a latent model: its images as VAE latents, encoded once into the cache
         vae = load_vae(cfg.model.vae, device)
         encoded = ensure_latents(data.dataset, data.images.rows, vae, vae_info,
                                  cache_root(cfg.data), flip=cfg.data.random_flip,
@@ -283,10 +304,12 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
 
 def _to_model_input(pixels: torch.Tensor, cfg: Config, position: int, device, part,
                     channels_last: bool, side: int) -> torch.Tensor:
-    """uint8 images to [-1, 1] on the device, at `side` pixels (the cycle's resolution); an image and its
-    condition image get the same random flip."""
+    """uint8 images to [-1, 1] on the device, area-downsampled to `side` pixels when a cycle trains at that
+    resolution (square images only); an image and its condition image get the same random flip."""
     x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if side != x.shape[-1]:
+    if side != cfg.data.resolution:
+        if x.shape[-2] != x.shape[-1]:
+            raise UserError(f"train.cycles: {CYCLES_NEED_SQUARE} (this batch is {x.shape[-1]}x{x.shape[-2]} px)")
         x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
     if cfg.data.random_flip:
         x = random_flip(x, cfg.seed, position, part)

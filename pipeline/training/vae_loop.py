@@ -129,7 +129,7 @@ def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = 
                         f"{downsample} (2^(levels-1) of vae.block_out_channels)")
     eval_rows, eval_on = _eval_rows(data)
     eval_rows = eval_rows[: v.eval_items]
-    eval_pixels = data.dataset.images(eval_rows)
+    eval_pixels = _square(data.dataset, eval_rows, cfg.data.resolution)
 
     vae = build_vae(cfg).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=v.lr, weight_decay=v.weight_decay, fused=True)
@@ -204,7 +204,7 @@ def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = 
 
     ema.copy_to(vae.parameters())  # the shipped VAE carries the EMA weights
     vae.eval()
-    train_sample = data.dataset.images(data.images.rows[:1024])
+    train_sample = _square(data.dataset, data.images.rows[:1024], cfg.data.resolution)
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_sample))
     metrics = reconstruction_metrics(eval_pixels, reconstruct(vae, eval_pixels))
     logger.log_metrics({f"eval/{k}": val for k, val in metrics.items()}, step)
@@ -213,6 +213,11 @@ def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = 
          "dataset_version": data.version}, indent=2) + "\n")
     log.info("reconstruction on the %s: PSNR %.2f dB, SSIM %.4f", eval_on, metrics["psnr"], metrics["ssim"])
     return _save(vae, run_dir / "vae")
+
+
+def _square(ds, rows: np.ndarray, side: int) -> np.ndarray:
+    """Images of one size for the metrics and grids: as stored, or square crops of aspect-ratio buckets."""
+    return ds.square_images(rows, side) if ds.is_bucketed else ds.images(rows)
 
 
 def _save(vae: AutoencoderKL, out: Path) -> Path:
