@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU image lacks (it has torch, transformers, safetensors, typer, rich, tqdm, pyyaml)
 # into .whl/ for the device tool to carry (64 MiB at most with the repo). Versions follow constraints.txt. Run here, in the repo root.
+# The SD-1.5 benchmark (gpu_bench.py --only sd15) needs nothing more: diffusers (UNet, VAE, DDPM scheduler, EMA) is
+# carried, transformers (CLIP text encoder) is on the image; gpu_check.sh checks both are importable there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
