@@ -442,7 +442,6 @@ def sample(
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1 (got {strength})")
     loaded = load_model(model)
-    res = loaded.spec.resolution
     h, w = check_size(loaded, width, height)
     prompts = [p for p in prompt for _ in range(num)]
     seeds = [seed + k for k in range(len(prompts))]
@@ -456,10 +455,11 @@ def sample(
         if not loaded.spec.condition_channels:
             raise UserError(f"{model} was trained without a condition image and cannot follow --doodle: train a "
                             "model with context.image_condition (configs/shapes_doodle.yaml), or use --init-image")
-        if (w, h) != (res, res):
-            raise UserError(f"--doodle makes {res}x{res} images (the model's resolution): leave out --width/--height")
+        if w != h:
+            raise UserError(f"--doodle makes square images (a doodle is cropped square): give --width and --height "
+                            f"the same side, not {w}x{h}")
         with open_image(doodle, "doodle") as im:
-            cond = condition_tensor(load_doodle(im, res)).unsqueeze(0).expand(len(prompts), -1, -1, -1)
+            cond = condition_tensor(load_doodle(im, w)).unsqueeze(0).expand(len(prompts), -1, -1, -1)
     images = generate(loaded, prompts, seeds, sampler=sampler, steps=steps, guidance=guidance,
                       negative_prompts=[negative_prompt] * len(prompts), init_images=init,
                       strength=strength if init is not None else 1.0, cond_images=cond,

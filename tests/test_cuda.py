@@ -33,3 +33,22 @@ def test_bf16_sampling_matches_fp32(trained_tiny):
     fp32 = generate(model, prompt, [0, 1, 2, 3], steps=10).float()
     bf16 = generate(model, prompt, [0, 1, 2, 3], steps=10, autocast_dtype=torch.bfloat16).float()
     assert (fp32 - bf16).abs().mean() < 8  # bf16 rounding, not a different image
+
+
+def test_latent_model_on_cuda_encodes_trains_and_samples(tmp_path, shapes_data):
+    """The VAE on the GPU: train-vae, the latent cache filled on the device, bf16 training with gradient
+    checkpointing, sampling decoded there."""
+    from pipeline.model.folder import load_model
+    from pipeline.model.sampling import generate
+    from pipeline.training.loop import train
+    from pipeline.training.vae_loop import train_vae
+
+    vae_cfg = tiny_config(tmp_path / "vae", shapes_data, vae={"block_out_channels": [8, 16], "norm_num_groups": 4,
+                                                              "max_steps": 10, "batch_size": 8})
+    vae = train_vae(Config.model_validate(vae_cfg), progress=False)
+    raw = tiny_config(tmp_path, shapes_data, train={"max_steps": 20, "gradient_checkpointing": True})
+    raw["model"] = {k: v for k, v in raw["model"].items() if k != "patch_size"} | {"vae": str(vae)}
+    model = load_model(train(Config.model_validate(raw), progress=False), device="cuda")
+    assert next(model.vae.parameters()).is_cuda
+    images = generate(model, ["a red circle"] * 2, [0, 1], steps=4, autocast_dtype=torch.bfloat16)
+    assert images.shape == (2, 3, 16, 16)

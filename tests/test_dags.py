@@ -97,6 +97,19 @@ def test_dagbag_imports_without_touching_the_database(tmp_path):
         assert ids == "['batch_generate', 'dataset_update', 'retrain']"
 
 
+def test_retrain_with_a_vae_step_parses_for_every_runner(tmp_path):
+    """DIFFUSE_TRAIN_VAE=true: train_vae runs before train, whatever runs the jobs."""
+    code = ("from airflow.models.dagbag import DagBag; d = DagBag().dags['retrain']; "
+            "print(sorted(d.get_task('train').upstream_task_ids))")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "DIFFUSE_TRAIN_VAE": "true"}
+    for kind in ("local", "docker", "kubernetes"):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=env | {"DIFFUSE_RUNNER_KIND": kind})
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == "['train_vae']", (kind, r.stdout)
+
+
 @pytest.fixture(scope="module")
 def dataset_run(airflow):
     return airflow["dataset_update"].test(run_conf={"name": "tiny"})
@@ -153,6 +166,41 @@ def test_a_dataset_failing_validation_stops_retrain_before_training(airflow, fir
     s = states(dr)
     assert s["gate"] == "failed" and s["train"] == "upstream_failed" and s["register"] == "upstream_failed"
     assert len(registry(airflow["ws"]).search_model_versions("name='tiny'")) == versions_before
+
+
+def test_retrain_can_train_the_vae_first_and_a_latent_model_on_it(airflow, first_retrain, monkeypatch):
+    """DIFFUSE_TRAIN_VAE=true (read when the DAG file is parsed, so the modules are reloaded under it): train_vae
+    writes RUN_DIR-vae/vae, train makes a latent model on it, and it is evaluated and registered like any model."""
+    import importlib
+    import json
+
+    import retrain
+
+    from pipeline.orchestration import dag_common, retrain_tasks
+
+    cfg = yaml.safe_load(airflow["config"].read_text())
+    cfg["vae"] = {"block_out_channels": [8, 16], "norm_num_groups": 4, "batch_size": 8, "max_steps": 4,
+                  "warmup_steps": 1, "sample_every": 0, "num_threads": 1}
+    cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "patch_size"} | {"block_out_channels": [16, 16]}
+    latent = airflow["tmp"] / "latent.yaml"
+    latent.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("DIFFUSE_TRAIN_VAE", "true")
+    try:
+        importlib.reload(dag_common)
+        importlib.reload(retrain)
+        dr = retrain.retrain_dag.test(run_conf={"dataset": "tiny", "model_name": "tiny-latent",
+                                                "config": str(latent)})
+    finally:
+        monkeypatch.delenv("DIFFUSE_TRAIN_VAE")
+        importlib.reload(dag_common)
+        importlib.reload(retrain)
+    s = states(dr)
+    assert s["train_vae"] == "success" and s["train"] == "success" and s["register"] == "success", s
+    run_dir = retrain_tasks.retrain_run_dir(dr.run_id)
+    spec = json.loads((run_dir / "model" / "conditioning.json").read_text())
+    assert spec["vae"]["source"] == str((Path(f"{run_dir}-vae") / "vae").resolve())
+    card = registry(airflow["ws"]).get_model_version("tiny-latent", "1").description
+    assert "latent space of the VAE" in card
 
 
 def add_prompts(airflow, texts: list[str]) -> list[int]:
@@ -252,6 +300,14 @@ def test_docker_and_kubernetes_runners_render_gpu_jobs(monkeypatch):
     assert op.command[6:9] == ["-m", "pipeline.cli", "train"] and "data.path=data/prepared/x" in op.command
     assert op.mounts[0]["Target"] == "/workspace" and op.mounts[0]["Source"] == "/srv/diffuse"
     assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+
+    # the VAE step of a latent model: one process (no torchrun), its own run folder, the model trained on it
+    op = DockerOperator(task_id="train_vae", **docker_operator_kwargs(rc, "cfg.yaml", "d", "runs/r1-vae",
+                                                                      command="train-vae"))
+    assert op.command[:4] == ["python", "-m", "pipeline.cli", "train-vae"] and "run_dir=runs/r1-vae" in op.command
+    op = DockerOperator(task_id="train", **docker_operator_kwargs(rc, "cfg.yaml", "d", "runs/r1",
+                                                                  overrides=["model.vae=runs/r1-vae/vae"]))
+    assert "model.vae=runs/r1-vae/vae" in op.command
 
     rc = runner_config({"DIFFUSE_RUNNER_KIND": "kubernetes", "DIFFUSE_RUNNER_VOLUME": "diffuse-workspace"})
     op = KubernetesPodOperator(task_id="train", **kubernetes_operator_kwargs(rc, "cfg.yaml", "d", "runs/r1"))

@@ -117,6 +117,30 @@ def test_second_repro_does_nothing(project):
     assert (proj / "dvc.lock").read_bytes() == lock
 
 
+def test_latent_chain_trains_a_vae_fills_the_cache_and_trains_on_it(project):
+    """latent/dvc.yaml after the main chain's prepared dataset: the VAE and the latent cache are pipeline outputs."""
+    proj, env, _ = project
+    shutil.copytree(ROOT / "latent", proj / "latent", ignore=shutil.ignore_patterns("params.yaml"))
+    (proj / "latent" / "params.yaml").write_text(yaml.safe_dump({
+        "config": "configs/tiny_latent.yaml", "data": {"name": "tiny", "resolution": 16},
+        "vae": {"run_dir": "runs/tiny-vae"}, "model": {"run_dir": "runs/tiny-latent"}}))
+    cfg = yaml.safe_load((proj / "configs" / "tiny.yaml").read_text())
+    cfg["vae"] = {"block_out_channels": [8, 16], "norm_num_groups": 4, "batch_size": 8, "max_steps": 2,
+                  "warmup_steps": 1, "sample_every": 0, "num_threads": 1}
+    cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "patch_size"} | {"block_out_channels": [16, 16]}
+    (proj / "configs" / "tiny_latent.yaml").write_text(yaml.safe_dump(cfg))
+    repro = sh([str(BIN / "dvc"), "repro", "latent/dvc.yaml"], proj, env)
+    for stage in ("train_vae", "encode", "train"):
+        assert f"Running stage 'latent/dvc.yaml:{stage}'" in repro.stdout, repro.stdout
+    assert "Running stage 'ingest'" not in repro.stdout  # the prepared dataset was up to date
+    assert (proj / "runs/tiny-vae/vae/config.json").is_file()
+    assert list((proj / "data/prepared/tiny.latents").glob("*/part-*.keys.npy"))
+    spec = json.loads((proj / "runs/tiny-latent/model/conditioning.json").read_text())
+    assert spec["vae"]["source"] == str((proj / "runs/tiny-vae/vae").resolve())
+    again = sh([str(BIN / "dvc"), "repro", "latent/dvc.yaml"], proj, env)
+    assert "Running stage" not in again.stdout
+
+
 def test_remote_config_stays_local_and_holds_no_credentials(project, s3_server):
     proj, _, _ = project
     local = (proj / ".dvc/config.local").read_text()

@@ -131,7 +131,7 @@ def test_bad_prompts_fail_alone_and_are_listed(trained_tiny, shapes_data, tmp_pa
     good_init = str(shapes_data / "000000.png")
     ids = add(url, {"text": SHAPE, "num_images": 2},
               {"text": " ".join(["a red circle"] * 12)},  # longer than the model's 16 tokens
-              {"text": SHAPE, "size": 64},  # the model makes 16 px images
+              {"text": SHAPE, "size": 30},  # the model makes sides that are multiples of 4
               {"text": SHAPE, "init_image": str(tmp_path / "garbage.png")},
               {"text": SHAPE, "init_image": str(tmp_path / "missing.png")},
               {"text": SHAPE, "init_image": good_init, "strength": 0.5})
@@ -141,13 +141,14 @@ def test_bad_prompts_fail_alone_and_are_listed(trained_tiny, shapes_data, tmp_pa
     assert r.returncode == 1, r.stdout + r.stderr
     err = " ".join(r.stderr.split())
     for pid, why in ((overlong, "longer than the model's text encoder takes (16 tokens)"),
-                     (big, "size 64: this model makes 16x16 images only"), (garbage, "not a readable image"),
+                     (big, "size 30: this model makes images whose side is a multiple of 4"),
+                     (garbage, "not a readable image"),
                      (missing, "init image unreadable"), (empty, "empty prompt")):
         assert f"failed prompt {pid} (invalid): " in err and why in err, (pid, why, err)
     assert "Traceback" not in r.stderr and "5 prompts failed; the others are done" in err
     st = statuses(url)
     assert st[good] == ("done", None) and st[img2img] == ("done", None)
-    assert st[big] == ("failed", "size 64: this model makes 16x16 images only")
+    assert st[big] == ("failed", "size 30: this model makes images whose side is a multiple of 4 (trained at 16x16)")
     rows = outputs(url)
     assert sorted((x["prompt_id"], x["seed"]) for x in rows) == [(good, 0), (good, 1), (img2img, 0)]
     assert [x["settings"]["init_image_uri"] for x in rows if x["prompt_id"] == img2img] == [good_init]

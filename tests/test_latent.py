@@ -167,6 +167,18 @@ def test_a_model_folder_with_another_vae_is_refused(tmp_path, latent_model, tiny
         load_model(copy)
 
 
+def test_fine_tuning_on_a_vae_with_other_latents_is_refused(tmp_path, shapes_data, tiny_vae, latent_model):
+    """train.init_from a latent model, with a VAE of 8 latent channels: the UNet's channels and the VAE both differ,
+    one message names them."""
+    other = tmp_path / "vae8"
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(8, 16), norm_num_groups=4, latent_channels=8).save_pretrained(str(other))
+    cfg = write_config(tmp_path / "c.yaml", latent_config(tmp_path, shapes_data, other,
+                                                          train={"init_from": str(latent_model)}))
+    message = _cli_error("train", "--config", str(cfg))
+    assert "does not match this config" in message and "model.vae:" in message and "in_channels" in message
+
+
 # ------------------------------------------------------------------ the latent cache
 
 
@@ -338,10 +350,13 @@ def test_pyfunc_and_batch_generation_serve_a_latent_model(latent_model, tmp_path
     store = open_store(f"sqlite:///{tmp_path / 'prompts.db'}")
     from pipeline.config import GenerationConfig
 
-    store.add([parse_prompt({"text": "a red circle", "num_images": 2}, GenerationConfig(steps=2))])
+    store.add([parse_prompt({"text": "a red circle", "num_images": 2}, GenerationConfig(steps=2)),
+               parse_prompt({"text": "a blue square", "size": 32}, GenerationConfig(steps=2))])
     store.close()
     summary = generate_shard(str(latent_model), config=config)
-    assert summary.images == 2 and not summary.failed
+    assert summary.images == 3 and not summary.failed
+    sizes = sorted(Image.open(f).size for f in (tmp_path / "out").rglob("*.png"))
+    assert sizes == [(16, 16), (16, 16), (32, 32)]  # a prompt's size: any side the model can make
 
 
 @pytest.mark.slow

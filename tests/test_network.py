@@ -50,3 +50,31 @@ def test_category_conditioning_trains(tmp_path, shapes_data):
     assert model.unet.class_embedding.num_embeddings == 7  # six colours + the null class
     images = generate(model, ["red", ""], [0, 0], steps=3)
     assert images.shape == (2, 3, 16, 16)
+
+
+def test_gradient_checkpointing_saves_memory_not_the_result(tmp_path, shapes_data, embedding_cache):
+    """train.gradient_checkpointing recomputes activations in the backward pass: on the CPU the trained weights are
+    the same, bit for bit."""
+    from safetensors.torch import load_file
+
+    from pipeline.training.loop import train
+
+    weights = []
+    for checkpointing in (False, True):
+        raw = tiny_config(tmp_path / str(checkpointing), shapes_data, context={"cache_dir": str(embedding_cache)},
+                          train={"max_steps": 3, "gradient_checkpointing": checkpointing})
+        model_dir = train(Config.model_validate(raw), progress=False)
+        weights.append(load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors")))
+    plain, checkpointed = weights
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    assert any(not torch.equal(plain[k], torch.zeros_like(plain[k])) for k in plain)
+
+
+def test_unets_attend_through_pytorch_sdpa():
+    """diffusers' default attention processor calls torch's scaled_dot_product_attention (flash / memory-efficient
+    kernels on a GPU): no slower processor is set anywhere."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = build_unet(_spec("both"), [32, 32], 1, [False, True], 8, 8)
+    processors = set(map(type, unet.attn_processors.values()))
+    assert processors == {AttnProcessor2_0}

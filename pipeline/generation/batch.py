@@ -47,6 +47,7 @@ from pipeline.generation.prompt_store import open_store, problems
 from pipeline.generation.prompt_store import store_url as default_store
 from pipeline.images import image_to_tensor, open_image, png_bytes
 from pipeline.model.folder import load_model, read_train_config
+from pipeline.model.network import size_multiple
 from pipeline.model.sampling import encoder_for, generate
 from pipeline.registry.client import tracking_uri
 from pipeline.registry.model_uri import resolve_model, version_label
@@ -229,8 +230,8 @@ class Job:
 
     prompt: object  # models.Prompt
     seeds: list[int]
-    init: object | None = None  # (3, R, R) tensor for img2img
-    cond: object | None = None  # (3, R, R) condition image (the prompt's doodle) in [-1, 1]
+    init: object | None = None  # (3, S, S) tensor for img2img (S: the prompt's size, default the model's)
+    cond: object | None = None  # (3, S, S) condition image (the prompt's doodle) in [-1, 1]
     coverage: tuple[float | None, str, str] = (None, "skipped: not scored", "")
     remaining: set[int] = field(default_factory=set)
     failed: bool = False
@@ -258,8 +259,10 @@ def _load_init(uri: str, resolution: int):
 
 def _model_problem(p, loaded) -> str | None:
     spec = loaded.spec
-    if p.size is not None and p.size != spec.resolution:
-        return f"size {p.size}: this model makes {spec.resolution}x{spec.resolution} images only"
+    multiple = size_multiple(spec, loaded.unet)
+    if p.size is not None and p.size % multiple:
+        return f"size {p.size}: this model makes images whose side is a multiple of {multiple} (trained at " \
+               f"{spec.resolution}x{spec.resolution})"
     if p.condition_image is not None and not spec.condition_channels:
         return ("the prompt has a doodle, but this model was trained without a condition image and cannot follow "
                 "one (generate it with a model trained with context.image_condition)")
@@ -301,7 +304,7 @@ class _Run:
         log.warning("prompt %d %s: %s", p.id, "skipped" if kind == "skipped" else "failed", reason)
 
     def sample(self, key: tuple, items: list[tuple[Job, int]]):
-        sampler, steps, guidance, _, init, strength, doodle = key
+        sampler, steps, guidance, size, init, strength, doodle = key
         p_list = [j.prompt for j, _ in items]
         inits = torch.stack([j.init for j, _ in items]) if init else None
         conds = torch.stack([j.cond for j, _ in items]) if doodle else None
@@ -309,7 +312,8 @@ class _Run:
         return generate(self.loaded, [p.text for p in p_list], [s for _, s in items], sampler=sampler, steps=steps,
                         guidance=guidance, negative_prompts=[p.negative_prompt or "" for p in p_list],
                         init_images=inits, strength=strength if init else 1.0, batch_size=len(items),
-                        autocast_dtype=dtype, cond_images=conds, image_guidance=self.gc.image_guidance)
+                        autocast_dtype=dtype, cond_images=conds, image_guidance=self.gc.image_guidance, width=size,
+                        height=size)
 
     def batch(self, key: tuple, items: list[tuple[Job, int]]) -> None:
         items = [(j, s) for j, s in items if not j.failed]
@@ -431,14 +435,15 @@ def generate_shard(model_uri: str, shard: str | tuple[int, int] = "0/1", *, stor
         if why:
             run.fail(job, "invalid", why)
             continue
+        side = p.size or loaded.spec.resolution
         if p.init_image_uri:
-            job.init, err = _load_init(p.init_image_uri, loaded.spec.resolution)
+            job.init, err = _load_init(p.init_image_uri, side)
             if err:
                 run.fail(job, *err)
                 continue
         if p.condition_image is not None:
             try:
-                job.cond = doodle_tensor(p.condition_image, loaded.spec.resolution)
+                job.cond = doodle_tensor(p.condition_image, side)
             except UserError as e:  # written by another writer without the check `prompts add` makes
                 run.fail(job, "invalid", str(e))
                 continue
