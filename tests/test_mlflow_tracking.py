@@ -28,6 +28,25 @@ def _client(tmp_path):
     return MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
 
 
+def test_train_vae_logs_metrics_reconstruction_grids_and_the_vae(tmp_path, shapes_data):
+    store = tmp_path / "store"
+    store.mkdir()
+    cfg = run_config(tmp_path, shapes_data, store, vae={"block_out_channels": [8, 16], "norm_num_groups": 4,
+                                                        "max_steps": 4, "batch_size": 8, "log_every": 2,
+                                                        "sample_every": 2, "checkpoint_every": 4})
+    result = invoke("train-vae", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)))
+    assert result.exit_code == 0, result.output
+    assert "PSNR" in result.output and "eval split" in result.output
+    client = _client(tmp_path)
+    run = client.get_run(json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["vae.latent_channels"] == "4"
+    assert {"loss", "reconstruction", "kl", "eval/psnr", "eval/ssim"} <= set(run.data.metrics)
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in grids) == [2, 4]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "vae")} == {"vae/config.json",
+                                                                              "vae/diffusion_pytorch_model.safetensors"}
+
+
 def test_train_logs_everything_and_resume_continues_the_same_run(tmp_path, shapes_data):
     store = tmp_path / "store"
     store.mkdir()
