@@ -75,7 +75,7 @@ def latent_model(tmp_path_factory, shapes_data, tiny_vae, embedding_cache) -> Pa
 def test_train_vae_writes_a_diffusers_vae_with_scaling_and_metrics(tiny_vae):
     vae = AutoencoderKL.from_pretrained(str(tiny_vae), local_files_only=True)
     assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 2
-    assert vae.config.scaling_factor != pytest.approx(0.18215)  # measured on the data, not the default
+    assert len(vae.config.latents_mean) == len(vae.config.latents_std) == 4  # measured on the data, per channel
     report = json.loads((tiny_vae.parent / "vae_eval.json").read_text())
     assert report["measured_on"] == "eval split" and report["items"] > 0
     assert 0 < report["psnr"] < 100 and -1 <= report["ssim"] <= 1
@@ -84,7 +84,24 @@ def test_train_vae_writes_a_diffusers_vae_with_scaling_and_metrics(tiny_vae):
     with Image.open(grids[-1]) as im:  # originals over reconstructions
         assert im.size[1] == 2 * 16
     spec = vae_spec(tiny_vae)
-    assert (spec.latent_channels, spec.downsample, spec.scaling_factor) == (4, 2, vae.config.scaling_factor)
+    assert (spec.latent_channels, spec.downsample, spec.latents_std) == (4, 2, list(vae.config.latents_std))
+
+
+def test_scaled_latents_are_centred_with_unit_variance_per_channel(tiny_vae, shapes_data):
+    """What the UNet sees: every latent channel of the training images about N(0, 1), whatever the VAE's own
+    offsets and spreads; and unscale inverts scale."""
+    from pipeline.model.vae import posterior, scale, unscale
+
+    pixels = open_training_data(Config.model_validate(vae_config(Path("x"), shapes_data)).data,
+                                Config.model_validate(vae_config(Path("x"), shapes_data)).ingest)
+    x = torch.from_numpy(pixels.dataset.images(pixels.images.rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mean, std = posterior(load_vae(tiny_vae), x)
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    raw_means = z.mean(dim=(0, 2, 3))
+    scaled = scale(z, vae_spec(tiny_vae))
+    assert scaled.mean(dim=(0, 2, 3)).abs().max() < 0.1 and (scaled.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
+    assert raw_means.abs().max() > 0.1 or (z.std(dim=(0, 2, 3)) - 1).abs().max() > 0.1  # not so before scaling
+    assert torch.allclose(unscale(scaled, vae_spec(tiny_vae)), z, atol=1e-5)
 
 
 class StopAt:

@@ -1,7 +1,9 @@
 """The VAE of a latent model: a local diffusers AutoencoderKL folder, read, identified and applied as diffusers does.
 
-A latent model denoises `(z - shift_factor) * scaling_factor`, where z is the VAE's posterior for an image; images
-come back through `decode`. `VaeSpec` is what a model folder records about its VAE (conditioning.json): where it came
+A latent model denoises `(z - shift_factor) * scaling_factor`, where z is the VAE's posterior for an image, or, for a
+VAE whose config has per-channel `latents_mean` / `latents_std` (as the one `diffuse train-vae` writes, and as
+diffusers' SDXL pipeline reads them), `(z - latents_mean) * scaling_factor / latents_std`; images come back through
+`decode`. `VaeSpec` is what a model folder records about its VAE (conditioning.json): where it came
 from, its content hash (a different VAE at load time is an error, not silent garbage) and its latent geometry.
 """
 
@@ -31,6 +33,8 @@ class VaeSpec(BaseModel):
     downsample: int  # pixels per latent, per side
     scaling_factor: float
     shift_factor: float | None = None
+    latents_mean: list[float] | None = None  # per channel; with latents_std they replace shift_factor
+    latents_std: list[float] | None = None
 
 
 def _config(path: Path) -> dict:
@@ -75,7 +79,8 @@ def vae_spec(path: Path) -> VaeSpec:
                    latent_channels=int(config.get("latent_channels", 4)),
                    downsample=2 ** (len(config.get("block_out_channels", [0])) - 1),
                    scaling_factor=float(config.get("scaling_factor", 0.18215)),
-                   shift_factor=config.get("shift_factor"))
+                   shift_factor=config.get("shift_factor"), latents_mean=config.get("latents_mean"),
+                   latents_std=config.get("latents_std"))
 
 
 def load_vae(path: Path, device: str | torch.device = "cpu", expected: VaeSpec | None = None) -> AutoencoderKL:
@@ -98,12 +103,21 @@ def posterior(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, t
     return dist.mean, dist.std
 
 
+def _per_channel(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+
+
 def scale(z: torch.Tensor, spec: VaeSpec) -> torch.Tensor:
-    """VAE latents -> what the UNet denoises (diffusers' convention: shift, then scale)."""
+    """VAE latents -> what the UNet denoises (diffusers' conventions: per-channel mean and std when the VAE has
+    them, else shift, then scale)."""
+    if spec.latents_mean is not None and spec.latents_std is not None:
+        return (z - _per_channel(spec.latents_mean, z)) * spec.scaling_factor / _per_channel(spec.latents_std, z)
     return (z - (spec.shift_factor or 0.0)) * spec.scaling_factor
 
 
 def unscale(x: torch.Tensor, spec: VaeSpec) -> torch.Tensor:
+    if spec.latents_mean is not None and spec.latents_std is not None:
+        return x * _per_channel(spec.latents_std, x) / spec.scaling_factor + _per_channel(spec.latents_mean, x)
     return x / spec.scaling_factor + (spec.shift_factor or 0.0)
 
 

@@ -58,13 +58,20 @@ def _data_statistics(tags: dict, report: dict) -> list[str]:
     return lines
 
 
+def _normalisation(vae: dict) -> str:
+    if vae.get("latents_mean"):
+        return "per-channel latent mean and std"
+    return f"scaling factor {vae['scaling_factor']:.4f}" + (f", shift {vae['shift_factor']}" if vae.get("shift_factor")
+                                                             else "")
+
+
 def _space(report: dict) -> str:
     """What the UNet denoises: pixels, or the latents of which VAE (copied into the model folder as vae/)."""
     vae = report.get("vae")
     if not vae:
         return "pixel space"
     return (f"latent space of the VAE {vae['source']} (sha256 {vae['sha256'][:12]}, {vae['downsample']}x "
-            f"downsampling, {vae['latent_channels']} channels, scaling factor {vae['scaling_factor']:.4f}); the "
+            f"downsampling, {vae['latent_channels']} channels, {_normalisation(vae)}); the "
             "model folder carries it as vae/")
 
 
