@@ -401,9 +401,7 @@ def train_vae(
                                                                              overwrite=overwrite, logger=logger))
     metrics = json.loads((vae_dir.parent / "vae_eval.json").read_text())
     out.print(f"VAE saved to {vae_dir}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} on the "
-              f"{metrics['measured_on']} ({metrics['items']} items); latents per channel: mean "
-              f"{', '.join(f'{v:.2f}' for v in metrics['latents_mean'])}, std "
-              f"{', '.join(f'{v:.2f}' for v in metrics['latents_std'])}")
+              f"{metrics['measured_on']} ({metrics['items']} items); scaling factor {metrics['scaling_factor']:.4f}")
     if mlflow_logger is not None:
         mlflow_logger.log_folder(vae_dir, "vae")
         mlflow_logger.finish()

@@ -75,7 +75,7 @@ def latent_model(tmp_path_factory, shapes_data, tiny_vae, embedding_cache) -> Pa
 def test_train_vae_writes_a_diffusers_vae_with_scaling_and_metrics(tiny_vae):
     vae = AutoencoderKL.from_pretrained(str(tiny_vae), local_files_only=True)
     assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 2
-    assert len(vae.config.latents_mean) == len(vae.config.latents_std) == 4  # measured on the data, per channel
+    assert vae.config.scaling_factor != pytest.approx(0.18215)  # measured on the data, not the default
     report = json.loads((tiny_vae.parent / "vae_eval.json").read_text())
     assert report["measured_on"] == "eval split" and report["items"] > 0
     assert 0 < report["psnr"] < 100 and -1 <= report["ssim"] <= 1
@@ -84,24 +84,39 @@ def test_train_vae_writes_a_diffusers_vae_with_scaling_and_metrics(tiny_vae):
     with Image.open(grids[-1]) as im:  # originals over reconstructions
         assert im.size[1] == 2 * 16
     spec = vae_spec(tiny_vae)
-    assert (spec.latent_channels, spec.downsample, spec.latents_std) == (4, 2, list(vae.config.latents_std))
+    assert (spec.latent_channels, spec.downsample, spec.scaling_factor) == (4, 2, vae.config.scaling_factor)
 
 
-def test_scaled_latents_are_centred_with_unit_variance_per_channel(tiny_vae, shapes_data):
-    """What the UNet sees: every latent channel of the training images about N(0, 1), whatever the VAE's own
-    offsets and spreads; and unscale inverts scale."""
+def test_scaled_latents_have_unit_variance_and_unscale_inverts_scale(tiny_vae, shapes_data):
+    """What the UNet sees: the training images' latent samples with unit variance (the VAE's measured scaling
+    factor); unscale inverts scale."""
     from pipeline.model.vae import posterior, scale, unscale
 
-    pixels = open_training_data(Config.model_validate(vae_config(Path("x"), shapes_data)).data,
-                                Config.model_validate(vae_config(Path("x"), shapes_data)).ingest)
-    x = torch.from_numpy(pixels.dataset.images(pixels.images.rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    cfg = Config.model_validate(vae_config(Path("x"), shapes_data))
+    data = open_training_data(cfg.data, cfg.ingest)
+    x = torch.from_numpy(data.dataset.images(data.images.rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
     mean, std = posterior(load_vae(tiny_vae), x)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
-    raw_means = z.mean(dim=(0, 2, 3))
-    scaled = scale(z, vae_spec(tiny_vae))
-    assert scaled.mean(dim=(0, 2, 3)).abs().max() < 0.1 and (scaled.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
-    assert raw_means.abs().max() > 0.1 or (z.std(dim=(0, 2, 3)) - 1).abs().max() > 0.1  # not so before scaling
-    assert torch.allclose(unscale(scaled, vae_spec(tiny_vae)), z, atol=1e-5)
+    spec = vae_spec(tiny_vae)
+    scaled = scale(z, spec)
+    assert abs(float(scaled.std()) - 1) < 0.05
+    assert torch.allclose(scaled, z * spec.scaling_factor) and spec.shift_factor is None  # Stable Diffusion's way
+    assert torch.allclose(unscale(scaled, spec), z, atol=1e-5)
+
+
+def test_a_vae_with_per_channel_statistics_is_scaled_as_diffusers_does(tiny_vae):
+    """A VAE whose config has latents_mean / latents_std (e.g. Playground v2.5's): (z - mean) * factor / std, the
+    formula diffusers' SDXL pipeline inverts when it decodes."""
+    from pipeline.model.vae import scale, unscale
+
+    spec = vae_spec(tiny_vae).model_copy(update={"latents_mean": [1.0, 2.0, 0.0, -1.0],
+                                                 "latents_std": [2.0, 0.5, 1.0, 4.0], "scaling_factor": 0.5})
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(spec.latents_mean).view(1, 4, 1, 1), torch.tensor(spec.latents_std).view(1, 4, 1, 1)
+    scaled = scale(z, spec)
+    assert torch.allclose(scaled, (z - mean) * 0.5 / std)
+    assert torch.allclose(scaled * std / 0.5 + mean, z, atol=1e-6)  # diffusers' SDXL decode
+    assert torch.allclose(unscale(scaled, spec), z, atol=1e-6)
 
 
 class StopAt:

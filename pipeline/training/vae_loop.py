@@ -6,8 +6,7 @@ The loss is Stable Diffusion's without its perceptual and adversarial terms (the
 local): reconstruction (L1 or L2, per pixel) + `vae.kl_weight` x KL(posterior || N(0, 1)), the KL summed over the
 latent and divided by the pixels as the reconstruction is, so the weight means what it means for SD's VAE.
 Checkpoints and exact resume work as for `diffuse train` (pipeline/training/checkpoints.py). The shipped VAE carries
-the EMA weights and its latents' per-channel mean and std on the train split (config `latents_mean` / `latents_std`,
-as diffusers' SDXL pipeline reads them), so every channel reaches the UNet centred with unit variance; its
+the EMA weights and the scaling factor 1 / std of its latents on the train split (as SD's 0.18215 was chosen); its
 reconstruction PSNR / SSIM on the eval split are written to RUN_DIR/vae_eval.json.
 """
 
@@ -92,18 +91,17 @@ def reconstruction_metrics(original: np.ndarray, reconstructed: torch.Tensor) ->
 
 
 @torch.no_grad()
-def latent_statistics(vae: AutoencoderKL, pixels: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of posterior samples of these images. A single scaling factor (SD's 0.18215) leaves
-    channels whose means sit far from 0 and whose spreads differ several-fold: colour, a low-frequency property,
-    then reaches the UNet at a fraction of the noise's level."""
+def latent_scaling_factor(vae: AutoencoderKL, pixels: np.ndarray) -> float:
+    """1 / std of the posterior samples of these images: the scaling that gives the latents unit variance. One
+    factor for all channels, as Stable Diffusion's: per-channel standardisation (config latents_mean / latents_std,
+    which scale() also reads) measured worse on the shapes data (BENCHMARKS.md, findings)."""
     z = []
     g = torch.Generator().manual_seed(0)
     for i in range(0, len(pixels), 32):
         x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + 32])).permute(0, 3, 1, 2)
         post = vae.encode(x.to(vae.device).float().div(127.5).sub(1.0)).latent_dist
         z.append((post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(vae.device)).float().cpu())
-    z = torch.cat(z)
-    return z.mean(dim=(0, 2, 3)).tolist(), z.std(dim=(0, 2, 3)).tolist()
+    return float(1.0 / torch.cat(z).std())
 
 
 def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None, progress: bool = True,
@@ -209,12 +207,11 @@ def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = 
     ema.copy_to(vae.parameters())  # the shipped VAE carries the EMA weights
     vae.eval()
     train_sample = _square(data.dataset, data.images.rows[:1024], cfg.data.resolution)
-    mean, std = latent_statistics(vae, train_sample)
-    vae.register_to_config(scaling_factor=1.0, latents_mean=mean, latents_std=std)
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_sample))
     metrics = reconstruction_metrics(eval_pixels, reconstruct(vae, eval_pixels))
     logger.log_metrics({f"eval/{k}": val for k, val in metrics.items()}, step)
     (run_dir / "vae_eval.json").write_text(json.dumps(
-        {**metrics, "items": len(eval_rows), "measured_on": eval_on, "latents_mean": mean, "latents_std": std,
+        {**metrics, "items": len(eval_rows), "measured_on": eval_on, "scaling_factor": vae.config.scaling_factor,
          "dataset_version": data.version}, indent=2) + "\n")
     log.info("reconstruction on the %s: PSNR %.2f dB, SSIM %.4f", eval_on, metrics["psnr"], metrics["ssim"])
     return _save(vae, run_dir / "vae")
