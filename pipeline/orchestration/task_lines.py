@@ -29,9 +29,10 @@ class TrainingBar:
             records = []
             if self.metrics.is_file():
                 records = [json.loads(x) for x in self.metrics.read_text().splitlines() if '"loss"' in x]
-            if records:
+            if records and records[-1]["step"] != bar.n:  # redrawn only when the run logged a new step
+                bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", img_s=f"{records[-1]['img_per_s']:.0f}",
+                                refresh=False)
                 bar.update(records[-1]["step"] - bar.n)
-                bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", img_s=f"{records[-1]['img_per_s']:.0f}")
             if finished:
                 bar.close()
                 return
