@@ -364,6 +364,34 @@ def test_latent_doodle_model_follows_a_doodle_in_latent_space(tmp_path, tiny_vae
     assert torch.equal(images[0], images[1]) and not torch.equal(images[0], blank[0])
 
 
+def test_a_latent_model_trains_on_aspect_ratio_buckets(tmp_path, tiny_vae, embedding_cache, monkeypatch):
+    """Bucketed images as latents: every batch one latent size (flips and doodles included), samples at a
+    bucket's size."""
+    import pipeline.training.loop
+    from pipeline.training.objective import diffusion_loss
+    from tests.test_buckets import make_source
+
+    shapes = []
+
+    def recording_loss(*args, **kwargs):
+        x0, cond = args[3], args[-1]
+        assert cond.shape == x0.shape and x0.shape[1] == 4
+        shapes.append(tuple(x0.shape[-2:]))
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.training.loop, "diffusion_loss", recording_loss)
+    cfg = latent_config(tmp_path, make_source(tmp_path / "src"), tiny_vae,
+                        ingest={"doodles": True, "buckets": {"enabled": True, "step": 4}},
+                        data={"random_flip": True}, context={"cache_dir": str(embedding_cache),
+                                                             "image_condition": True},
+                        train={"batch_size": 4, "max_steps": 6})
+    model = load_model(train(Config.model_validate(cfg), progress=False))
+    assert set(shapes) == {(10, 6), (8, 8), (6, 10)}  # the 20x12, 16x16 and 12x20 buckets, halved by the VAE
+    images = generate(model, ["a red thing"], [0], steps=2, width=20, height=12,
+                      cond_images=torch.ones(1, 3, 12, 20))
+    assert images.shape == (1, 3, 12, 20)
+
+
 def test_pyfunc_and_batch_generation_serve_a_latent_model(latent_model, tmp_path):
     import pandas as pd
 
