@@ -87,12 +87,12 @@ def test_train_vae_writes_a_diffusers_vae_with_scaling_and_metrics(tiny_vae):
     assert (spec.latent_channels, spec.downsample, spec.scaling_factor) == (4, 2, vae.config.scaling_factor)
 
 
-def test_scaled_latents_have_unit_variance_and_unscale_inverts_scale(tiny_vae, shapes_data):
+def test_scaled_latents_have_unit_variance_and_unscale_inverts_scale(tiny_vae, shapes_data, tmp_path):
     """What the UNet sees: the training images' latent samples with unit variance (the VAE's measured scaling
     factor); unscale inverts scale."""
     from pipeline.model.vae import posterior, scale, unscale
 
-    cfg = Config.model_validate(vae_config(Path("x"), shapes_data))
+    cfg = Config.model_validate(vae_config(tmp_path, shapes_data))
     data = open_training_data(cfg.data, cfg.ingest)
     x = torch.from_numpy(data.dataset.images(data.images.rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
     mean, std = posterior(load_vae(tiny_vae), x)
