@@ -211,17 +211,14 @@ def data_encode(
 
     from pipeline.data.loader import open_training_data
     from pipeline.model.vae import load_vae, vae_spec
-    from pipeline.training.latents import cache_root, ensure_latents
+    from pipeline.training.latents import latents_for
 
     cfg = load_config(config, _parse_overrides(set_))
     if cfg.model.vae is None:
         raise UserError(f"{config}: model.vae is not set; only a latent model's data is encoded")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = open_training_data(cfg.data, cfg.ingest, conditions=cfg.context.image_condition)
-    spec = vae_spec(cfg.model.vae)
-    result = ensure_latents(data.dataset, data.images.rows, load_vae(cfg.model.vae, device), spec,
-                            cache_root(cfg.data), flip=cfg.data.random_flip,
-                            conditions=cfg.context.image_condition, batch_size=cfg.train.encode_batch_size)
+    result = latents_for(cfg, data, load_vae(cfg.model.vae, device), vae_spec(cfg.model.vae))
     out.print(f"{len(result.items)} items: {result.encoded} images encoded now, the rest were cached "
               f"({result.folder})", highlight=False)
 

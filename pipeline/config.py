@@ -222,22 +222,33 @@ class CycleConfig(_Strict):
                                    "(at most data.resolution); default: data.resolution")
 
 
-class TrainConfig(_Strict):
+class LoopConfig(_Strict):
+    """What every training loop here has (`train:` of diffuse train, `vae:` of diffuse train-vae): AdamW with a
+    warmup + cosine schedule, gradient clipping, EMA weights, the logging and checkpoint cadence, the precision."""
+
     batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
-    max_steps: int = Field(2000, ge=1, description="with cycles: their total (the default)")
-    cycles: list[CycleConfig] = Field(
-        [], description="learning-rate cycles, each a warmup + cosine; every cycle after the first is a warm "
-        "restart with fresh optimizer moments and EMA, and may train at its own batch size and image side. "
-        "Default: one cycle of max_steps")
+    max_steps: int = Field(2000, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on the CPU too "
+        "(weights, optimizer and loss stay fp32; faster on a CPU with AVX512-BF16 or AMX); fp32: no autocast")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+
+
+class TrainConfig(LoopConfig):
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(2000, ge=1, description="with cycles: their total (the default)")
+    cycles: list[CycleConfig] = Field(
+        [], description="learning-rate cycles, each a warmup + cosine; every cycle after the first is a warm "
+        "restart with fresh optimizer moments and EMA, and may train at its own batch size and image side. "
+        "Default: one cycle of max_steps")
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode with train.compile; reduce-overhead captures CUDA graphs, which "
@@ -246,12 +257,8 @@ class TrainConfig(_Strict):
                                          "pass: less memory for a larger batch, ~30 % more compute")
     encode_batch_size: int = Field(32, ge=1, description="latent model: images per VAE forward when the latent "
                                    "cache is filled")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on the CPU too "
-        "(weights, optimizer and loss stay fp32; faster on a CPU with AVX512-BF16 or AMX); fp32: no autocast")
     channels_last: bool | None = Field(None, description="channels_last memory format; default: on CUDA only (on "
                                        "the CPU it slows bf16 convolutions and does not speed up fp32 ones)")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     init_from: Path | None = Field(None, description="start from the weights of a model directory (a `diffuse "
                                    "train` output); with context.image_condition a text-only model gets "
                                    "zero-initialised condition channels, so it starts out as it was")
@@ -274,7 +281,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class VaeConfig(_Strict):
+class VaeConfig(LoopConfig):
     """`diffuse train-vae` (pipeline/training/vae_loop.py): a diffusers AutoencoderKL trained on the dataset's train
     split, for domains where no pretrained VAE fits. Its latents are `2^(levels-1)` times smaller per side."""
 
@@ -285,24 +292,13 @@ class VaeConfig(_Strict):
     norm_num_groups: int = Field(32, ge=1)
     mid_block_attention: bool = Field(False, description="self-attention in the middle block (as Stable "
                                       "Diffusion's VAE has); costly at high resolution")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    max_steps: int = Field(2000, ge=1)
     reconstruction_loss: Literal["l1", "l2"] = Field("l1", description="l1 keeps edges sharper than l2")
     kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term towards N(0, 1): small, so the "
                              "latents stay informative (Stable Diffusion's VAE: 1e-6)")
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    keep_last: int = Field(2, ge=1)
     sample_every: int = Field(500, ge=0, description="steps between reconstruction grids (EMA weights, eval "
                               "images); 0 = only at the end")
     eval_items: int = Field(256, ge=1, description="eval-split items for the reconstruction PSNR/SSIM")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="as train.precision")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
 
     @model_validator(mode="after")
     def _check(self):
@@ -440,7 +436,14 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.model.vae is not None:
-            return self._check_latent()
+            self._check_latent_sides()
+        else:
+            self._check_pixel_sides()
+        if self.context.encoder == "category" and self.data.label_column is None:
+            raise ValueError("encoder 'category' needs data.label_column (the class label column)")
+        return self
+
+    def _check_pixel_sides(self) -> None:
         levels = len(self.model.block_out_channels)
         step = self.model.patch_size * 2 ** (levels - 1)
         sides = [("data.resolution", self.data.resolution)] + [
@@ -452,22 +455,17 @@ class Config(_Strict):
             if res > self.data.resolution:
                 raise ValueError(f"{key} ({res}) is above data.resolution ({self.data.resolution}): a cycle trains on "
                                  "the images downsampled, never upsampled")
-        if self.context.encoder == "category" and self.data.label_column is None:
-            raise ValueError("encoder 'category' needs data.label_column (the class label column)")
-        return self
 
-    def _check_latent(self):
+    def _check_latent_sides(self) -> None:
         """A latent model: the UNet runs on the VAE's latents, unpatched unless model.patch_size says otherwise.
-        Whether the sides suit the VAE's downsampling is checked when the VAE is read (pipeline/model/vae.py)."""
+        Whether the sides suit the VAE's downsampling is checked when the VAE is read (the trainer's
+        check_image_sizes)."""
         if "patch_size" not in self.model.model_fields_set:
             self.model.patch_size = 1
         lowered = [i for i, c in enumerate(self.train.cycles) if c.resolution not in (None, self.data.resolution)]
         if lowered:
             raise ValueError(f"train.cycles[{lowered[0]}].resolution: a latent model (model.vae) trains at "
                              "data.resolution only (its latents are cached at that side); remove it")
-        if self.context.encoder == "category" and self.data.label_column is None:
-            raise ValueError("encoder 'category' needs data.label_column (the class label column)")
-        return self
 
 
 # Keys earlier versions had: what a config file that still sets one should do instead.

@@ -40,14 +40,18 @@ def to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
-def to_square(img: Image.Image, resolution: int, height: int | None = None) -> Image.Image:
-    """EXIF orientation, RGB (converted as ingest does), scaled to cover resolution x `height` (default: square)
-    and centre-cropped to it (for init images at sampling time)."""
-    size = (resolution, height or resolution)
+def fit(img: Image.Image, width: int, height: int) -> Image.Image:
+    """EXIF orientation, RGB (converted as ingest does), scaled to cover width x height and centre-cropped to it
+    (for init images at sampling time)."""
     img = to_rgb(ImageOps.exif_transpose(img), [])
-    if img.size != size:
-        img = ImageOps.fit(img, size, Image.Resampling.BICUBIC)
+    if img.size != (width, height):
+        img = ImageOps.fit(img, (width, height), Image.Resampling.BICUBIC)
     return img
+
+
+def to_square(img: Image.Image, resolution: int) -> Image.Image:
+    """`fit` to the square resolution x resolution."""
+    return fit(img, resolution, resolution)
 
 
 def open_image(source: Path | bytes, what: str = "image") -> Image.Image:
@@ -64,10 +68,20 @@ def open_image(source: Path | bytes, what: str = "image") -> Image.Image:
         raise UserError(f"{what}{where} is not a readable image ({type(e).__name__}: {e})") from None
 
 
-def image_to_tensor(img: Image.Image, resolution: int, height: int | None = None) -> torch.Tensor:
-    """A PIL image -> (3, H, W) in [-1, 1] (W = resolution, H = height, default square), by `to_square`."""
-    arr = np.asarray(to_square(img, resolution, height), dtype=np.float32) / 127.5 - 1.0
+def image_to_tensor(img: Image.Image, width: int, height: int | None = None) -> torch.Tensor:
+    """A PIL image -> (3, H, W) in [-1, 1] (H = height, default W: square), brought to that size by `fit`."""
+    arr = np.asarray(fit(img, width, height or width), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def channels_first(images: np.ndarray) -> torch.Tensor:
+    """(n, H, W, 3) uint8 arrays (a prepared dataset's) -> (n, 3, H, W) uint8, as generated images are kept."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+def arrays_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(n, H, W, 3) uint8 arrays -> (n, 3, H, W) float in [-1, 1], what the models take."""
+    return channels_first(images).float().div(127.5).sub(1.0)
 
 
 def condition_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -38,11 +38,8 @@ class ShardImages(torch.utils.data.Dataset):
     def bucket_groups(self) -> list[np.ndarray] | None:
         """Positions 0..len-1 of the items grouped by image size (bucket), in size order; None when all items
         share one size. The training stream (pipeline/training/batches.py) draws every batch from one group."""
-        sizes, group = np.unique(self.ds.sizes[self.rows], axis=0, return_inverse=True)
-        if len(sizes) < 2:
-            return None
-        group = group.reshape(-1)
-        return [np.flatnonzero(group == g) for g in range(len(sizes))]
+        groups = self.ds.size_groups(self.rows)
+        return groups if len(groups) > 1 else None
 
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rows = self.rows[np.asarray(idx)]

@@ -190,12 +190,18 @@ class PreparedDataset:
             out[at] = resize_array(crop_square(images), side)
         return out
 
+    def size_groups(self, rows) -> list[np.ndarray]:
+        """Positions in manifest rows `rows` grouped by image size, in (height, width) order: one group for a square
+        dataset."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        _, group = np.unique(self.sizes[rows], axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        return [np.flatnonzero(group == g) for g in range(group.max() + 1 if len(group) else 0)]
+
     def by_size(self, rows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Manifest rows `rows` of any sizes, a size at a time: (positions in `rows`, their images)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        sizes = self.sizes[rows]
-        for size in np.unique(sizes, axis=0):
-            at = np.flatnonzero((sizes == size).all(axis=1))
+        for at in self.size_groups(rows):
             yield at, self.images(rows[at])
 
     def _gather(self, shards: list[np.ndarray], rows) -> np.ndarray:

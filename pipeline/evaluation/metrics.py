@@ -20,6 +20,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
+from pipeline.images import arrays_to_tensor, channels_first
 from pipeline.model.network import denoise
 from pipeline.model.sampling import encode_prompts
 from pipeline.model.vae import encode
@@ -32,7 +33,7 @@ def denoising_mse(model, images: np.ndarray, captions: list[str], buckets: int, 
     sched = DDPMScheduler.from_config(model.scheduler_config)
     total = sched.config.num_train_timesteps
     device = next(model.unet.parameters()).device
-    x0_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x0_all = arrays_to_tensor(images)
     if model.vae is not None:  # a latent model denoises the images' latents (posterior means, scaled)
         x0_all = encode(model.vae, model.spec.vae, x0_all.to(device)).cpu()
     ctx_all = encode_prompts(model.spec, captions)
@@ -75,7 +76,7 @@ def copy_rate(generated: torch.Tensor, dataset, train_rows: np.ndarray, data_res
     best = torch.full((len(gen),), float("inf"))
     for i in range(0, len(train_rows), chunk):
         pixels = dataset.square_images(train_rows[i:i + chunk], data_resolution)
-        ref = small(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        ref = small(channels_first(pixels))
         best = torch.minimum(best, torch.cdist(gen, ref).min(dim=1).values)
     rms = best / gen.shape[1] ** 0.5
     return {"copy_rate": float((rms < threshold).float().mean()), "nearest_train_distance_mean": float(rms.mean()),

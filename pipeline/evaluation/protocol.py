@@ -33,7 +33,7 @@ from pipeline.data.loader import open_training_data
 from pipeline.data.prepared import is_prepared, open_prepared
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import clip_score, copy_rate, denoising_mse, fid_and_kid
-from pipeline.images import grid, to_pil
+from pipeline.images import channels_first, grid, to_pil
 from pipeline.model.folder import load_model, read_train_config
 from pipeline.model.network import ModelSpec
 from pipeline.model.sampling import generate
@@ -161,7 +161,7 @@ def evaluate(model_dir: Path, ec: EvaluationConfig, data: EvalData | None = None
         why = "evaluation.inception_path not set" if ec.inception_path is None else f"{ec.inception_path} not found"
         skipped["fid"] = skipped["kid"] = f"{WEIGHTS_MISSING} ({why})"
     else:
-        real = torch.from_numpy(np.ascontiguousarray(data.heldout_images)).permute(0, 3, 1, 2)
+        real = channels_first(data.heldout_images)
         if len(real) < 2 or len(images) < 2:
             skipped["fid"] = skipped["kid"] = "skipped: FID/KID need at least 2 held-out and 2 generated images"
         else:

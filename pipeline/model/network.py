@@ -114,9 +114,15 @@ def _coords(like: torch.Tensor) -> torch.Tensor:
     return torch.stack([xx, yy]).expand(batch, 2, height, width)
 
 
+def side_multiple(downsample: int, patch_size: int, levels: int) -> int:
+    """Image sides a model takes are multiples of this: a latent model's VAE downsampling x the patch x the halvings
+    of a UNet with `levels` levels."""
+    return downsample * patch_size * 2 ** (levels - 1)
+
+
 def size_multiple(spec: ModelSpec, unet) -> int:
-    """Image sides this model can make are multiples of this: the VAE's downsampling, the patch, the UNet levels."""
-    return spec.downsample * spec.patch_size * 2 ** (len(unet.config.block_out_channels) - 1)
+    """side_multiple of a built model."""
+    return side_multiple(spec.downsample, spec.patch_size, len(unet.config.block_out_channels))
 
 
 def extend_condition_channels(unet, spec: ModelSpec, condition_channels: int):

@@ -69,6 +69,20 @@ def load_checkpoint(path: Path, weights_name: str = "unet") -> tuple[dict, dict,
     return unet, ema, state
 
 
+def clear_earlier_run(run_dir: Path, resume: bool, overwrite: bool, outputs: tuple[str, ...],
+                      delete: bool = True) -> None:
+    """A run folder with an earlier run's checkpoints: an error unless the run resumes it or overwrites it; to
+    overwrite, its `outputs` are deleted (`delete`: by the one process that owns the folder)."""
+    if resume or not checkpoint_dirs(run_dir):
+        return
+    if not overwrite:
+        raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
+                        f"--overwrite to start again (its {', '.join(outputs)} are deleted)")
+    for stale in outputs if delete else ():
+        path = Path(run_dir) / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None

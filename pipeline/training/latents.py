@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config import Config
+from pipeline.data.loader import TrainingData
 from pipeline.data.prepared import PreparedDataset, is_prepared
+from pipeline.images import arrays_to_tensor
 from pipeline.model.vae import VaeSpec, posterior
 from pipeline.training.distributed import WHOLE, Part
 
@@ -54,21 +57,19 @@ def entry_key(pixels: np.ndarray, variants: int) -> bytes:
     return h.hexdigest()[:KEY_BYTES].encode()
 
 
-def _shape_groups(ds: PreparedDataset, rows: np.ndarray) -> list[np.ndarray]:
-    """`rows` split into groups of one image size (one group for a square dataset)."""
-    sizes = ds.sizes[rows]
-    return [rows[(sizes == size).all(axis=1)] for size in np.unique(sizes, axis=0)]
+def _chunks(ds: PreparedDataset, rows: np.ndarray, conditions: bool):
+    """(rows, their images or condition images) of `rows`, CHUNK at a time, each chunk one image size."""
+    for at in ds.size_groups(rows):
+        for i in range(0, len(at), CHUNK):
+            chunk = rows[at[i:i + CHUNK]]
+            yield chunk, ds.conditions(chunk) if conditions else ds.images(chunk)
 
 
-def _row_keys(ds: PreparedDataset, rows: np.ndarray, variants: int, conditions: bool) -> np.ndarray:
-    keys = np.empty(len(rows), dtype=f"S{KEY_BYTES}")
-    position = {r: i for i, r in enumerate(rows.tolist())}
-    for group in _shape_groups(ds, rows):
-        for i in range(0, len(group), CHUNK):
-            chunk = group[i:i + CHUNK]
-            pixels = ds.conditions(chunk) if conditions else ds.images(chunk)
-            for r, p in zip(chunk.tolist(), pixels, strict=True):
-                keys[position[r]] = entry_key(p, variants)
+def _row_keys(ds: PreparedDataset, variants: int, conditions: bool) -> np.ndarray:
+    """The entry key of every manifest row's image (or condition image)."""
+    keys = np.empty(len(ds.manifest), dtype=f"S{KEY_BYTES}")
+    for chunk, pixels in _chunks(ds, np.arange(len(ds.manifest)), conditions):
+        keys[chunk] = [entry_key(p, variants) for p in pixels]
     return keys
 
 
@@ -161,19 +162,35 @@ def ensure_latents(ds: PreparedDataset, rows: np.ndarray, vae, spec: VaeSpec, ro
         keys = _memo_keys(ds, folder, variants, conditions=False)
         condition_keys = _memo_keys(ds, folder, variants, conditions=True) if conditions else None
     cache = LatentCache.open(folder)
-    todo = _missing(ds, rows, keys, cache, conditions=False)
+    todo = {False: _missing(rows, keys, cache)}
     if condition_keys is not None:
-        todo += _missing(ds, rows, condition_keys, cache, conditions=True)
-    total = part.from_main(len(todo))
+        todo[True] = _missing(rows, condition_keys, cache)
+    total = part.from_main(sum(len(r) for r in todo.values()))
     if total:
-        mine = todo[part.rank::part.world]
         log.info("latents: encoding %d of %d images with the VAE (%s); the rest are cached in %s", total,
-                 len(rows) * (2 if conditions else 1), spec.source, folder)
-        _encode(ds, mine, vae, folder, variants, batch_size, part, progress and part.is_main)
+                 len(rows) * len(todo), spec.source, folder)
+        mine = {is_condition: missing[part.rank::part.world] for is_condition, missing in todo.items()}
+        bar = tqdm(total=sum(len(r) for r in mine.values()), desc="encode latents", unit="img",
+                   disable=not (progress and part.is_main), dynamic_ncols=True)
+        for is_condition, missing in mine.items():
+            entry_keys = condition_keys if is_condition else keys
+            for chunk, pixels in _chunks(ds, missing, is_condition):
+                _write_part(folder, entry_keys[chunk].tolist(), _posteriors(vae, pixels, variants, batch_size), part)
+                bar.update(len(chunk))
+        bar.close()
         part.barrier()
         cache = LatentCache.open(folder)
     items = LatentItems(cache, keys[rows], None if condition_keys is None else condition_keys[rows])
     return EncodeResult(items, total, folder)
+
+
+def latents_for(cfg: Config, data: TrainingData, vae, spec: VaeSpec, part: Part = WHOLE,
+                progress: bool = True) -> EncodeResult:
+    """The latents of a latent model's training data as its config asks for them: the train split, mirror views
+    with data.random_flip, condition images with context.image_condition, in the cache of cache_root."""
+    return ensure_latents(data.dataset, data.images.rows, vae, spec, cache_root(cfg.data), flip=cfg.data.random_flip,
+                          conditions=cfg.context.image_condition, batch_size=cfg.train.encode_batch_size, part=part,
+                          progress=progress)
 
 
 def _memo_keys(ds: PreparedDataset, folder: Path, variants: int, conditions: bool) -> np.ndarray:
@@ -183,49 +200,30 @@ def _memo_keys(ds: PreparedDataset, folder: Path, variants: int, conditions: boo
         keys = np.load(memo)
         if len(keys) == len(ds.manifest):
             return keys
-    keys = _row_keys(ds, np.arange(len(ds.manifest)), variants, conditions)
+    keys = _row_keys(ds, variants, conditions)
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}.npy")
     np.save(tmp, keys)
     os.replace(tmp, memo)
     return keys
 
 
-def _missing(ds: PreparedDataset, rows: np.ndarray, keys: np.ndarray, cache: LatentCache,
-             conditions: bool) -> list[tuple[int, bool]]:
-    """(row, is condition image) of one row per key the cache lacks."""
+def _missing(rows: np.ndarray, keys: np.ndarray, cache: LatentCache) -> np.ndarray:
+    """One row per key the cache lacks (rows with the same pixels share an entry)."""
     seen: set[bytes] = set()
     out = []
     for r in rows.tolist():
         k = bytes(keys[r])
         if k not in cache and k not in seen:
             seen.add(k)
-            out.append((r, conditions))
-    return out
-
-
-def _encode(ds: PreparedDataset, todo: list[tuple[int, bool]], vae, folder: Path, variants: int, batch_size: int,
-            part: Part, progress: bool) -> None:
-    bar = tqdm(total=len(todo), desc="encode latents", unit="img", disable=not progress, dynamic_ncols=True)
-    for is_condition in (False, True):
-        rows = np.array([r for r, c in todo if c == is_condition], dtype=np.int64)
-        if not len(rows):
-            continue
-        for group in _shape_groups(ds, rows):
-            for i in range(0, len(group), CHUNK):
-                chunk = group[i:i + CHUNK]
-                pixels = ds.conditions(chunk) if is_condition else ds.images(chunk)
-                _write_part(folder, [entry_key(p, variants) for p in pixels],
-                            _posteriors(vae, pixels, variants, batch_size), part)
-                bar.update(len(chunk))
-    bar.close()
+            out.append(r)
+    return np.array(out, dtype=np.int64)
 
 
 def _posteriors(vae, pixels: np.ndarray, variants: int, batch_size: int) -> np.ndarray:
     """(n, V, 2, C, h, w) float16 posterior mean and std of uint8 (n, H, W, 3) images (V = 2: the mirror too)."""
     out = []
     for i in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size])).permute(0, 3, 1, 2).float()
-        x = x.div(127.5).sub(1.0)
+        x = arrays_to_tensor(pixels[i:i + batch_size])
         views = [x, x.flip(-1)][:variants]
         stats = [torch.stack(posterior(vae, v), dim=1).float().cpu() for v in views]  # (b, 2, C, h, w) each
         out.append(torch.stack(stats, dim=1).half().numpy())

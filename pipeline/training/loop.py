@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -26,12 +25,12 @@ from pipeline.data.loader import TrainingData, open_training_data
 from pipeline.errors import UserError
 from pipeline.model.encoders import EmbeddingCache, build_encoder, context_stats, standardize
 from pipeline.model.folder import load_model, save_model
-from pipeline.model.network import ModelSpec, build_unet, extend_condition_channels
+from pipeline.model.network import ModelSpec, build_unet, extend_condition_channels, side_multiple
 from pipeline.model.vae import VaeSpec, load_vae, scale, vae_spec
 from pipeline.training import distributed
 from pipeline.training.batches import batch_loader, flip_mask, random_flip
-from pipeline.training.checkpoints import checkpoint_dirs, latest_checkpoint
-from pipeline.training.latents import cache_root, ensure_latents
+from pipeline.training.checkpoints import clear_earlier_run, latest_checkpoint
+from pipeline.training.latents import latents_for
 from pipeline.training.loggers import JsonlLogger, Loggers, MetricsLogger
 from pipeline.training.objective import cfg_dropout, diffusion_loss, image_dropout
 from pipeline.training.sample_grids import log_sample_grid
@@ -119,7 +118,7 @@ def check_image_sizes(cfg: Config, data: TrainingData, vae: VaeSpec | None = Non
     what it downsamples by (times a latent model's VAE downsampling). And a cycle's lower resolution (an
     area-downsampled square) needs square images."""
     m = cfg.model
-    multiple = m.patch_size * 2 ** (len(m.block_out_channels) - 1) * (vae.downsample if vae else 1)
+    multiple = side_multiple(vae.downsample if vae else 1, m.patch_size, len(m.block_out_channels))
     misfits = [f"{w}x{h}" for h, w in data.image_sizes if h % multiple or w % multiple]
     if misfits:
         through = f"the VAE's {vae.downsample}x downsampling x " if vae else ""
@@ -144,13 +143,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     # under torchrun: this rank's share of every global batch; else the whole batch
     part = distributed.setup({f"train.cycles[{i}].batch_size" if t.cycles and t.cycles[i].batch_size
                               else "train.batch_size": c.batch_size for i, c in enumerate(schedule.cycles)})
-    if not resume and checkpoint_dirs(run_dir):
-        if not overwrite:
-            raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
-                            "--overwrite to start again (its checkpoints, metrics and model are deleted)")
-        for stale in ("checkpoints", "model", "metrics.jsonl") if part.is_main else ():
-            path = run_dir / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    clear_earlier_run(run_dir, resume, overwrite, ("checkpoints", "model", "metrics.jsonl"), delete=part.is_main)
     part.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.device(part)
@@ -173,10 +166,7 @@ def train(cfg: Config, resume: bool = False, logger: MetricsLogger | None = None
     train_items, vae, encoded = data.images, None, None
     if vae_info is not None:  # a latent model: its images as VAE latents, encoded once into the cache
         vae = load_vae(cfg.model.vae, device)
-        encoded = ensure_latents(data.dataset, data.images.rows, vae, vae_info,
-                                 cache_root(cfg.data), flip=cfg.data.random_flip,
-                                 conditions=cfg.context.image_condition, batch_size=t.encode_batch_size, part=part,
-                                 progress=progress)
+        encoded = latents_for(cfg, data, vae, vae_info, part, progress)
         train_items = encoded.items
     init = load_model(t.init_from) if t.init_from else None  # fine-tune (or extend) an existing model
     stats = context_stats(table, cfg.context.whiten) if cfg.context.standardize and table.tokens is not None else None

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import open_training_data
 from pipeline.errors import UserError
-from pipeline.images import grid, to_uint8
+from pipeline.images import arrays_to_tensor, channels_first, grid, to_uint8
+from pipeline.model.vae import posterior
 from pipeline.training.batches import batch_loader, random_flip
-from pipeline.training.checkpoints import checkpoint_dirs, latest_checkpoint
+from pipeline.training.checkpoints import clear_earlier_run, latest_checkpoint
 from pipeline.training.loggers import JsonlLogger, Loggers, MetricsLogger
 from pipeline.training.schedule import Schedule
 from pipeline.training.state import TrainState, check_finite
@@ -75,15 +76,14 @@ def reconstruct(vae: AutoencoderKL, pixels: np.ndarray, batch_size: int = 32) ->
     through)."""
     out = []
     for i in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size])).permute(0, 3, 1, 2)
-        x = x.to(vae.device).float().div(127.5).sub(1.0)
-        out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample.float()).cpu())
+        mean, _ = posterior(vae, arrays_to_tensor(pixels[i:i + batch_size]))
+        out.append(to_uint8(vae.decode(mean).sample.float()).cpu())
     return torch.cat(out)
 
 
 def reconstruction_metrics(original: np.ndarray, reconstructed: torch.Tensor) -> dict[str, float]:
     """PSNR (dB, per image, averaged) and SSIM of uint8 reconstructions against the originals."""
-    target = torch.from_numpy(np.ascontiguousarray(original)).permute(0, 3, 1, 2).float() / 255
+    target = channels_first(original).float() / 255
     pred = reconstructed.float() / 255
     psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(pred, target, data_range=1.0)
@@ -98,9 +98,8 @@ def latent_scaling_factor(vae: AutoencoderKL, pixels: np.ndarray) -> float:
     z = []
     g = torch.Generator().manual_seed(0)
     for i in range(0, len(pixels), 32):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + 32])).permute(0, 3, 1, 2)
-        post = vae.encode(x.to(vae.device).float().div(127.5).sub(1.0)).latent_dist
-        z.append((post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(vae.device)).float().cpu())
+        mean, std = posterior(vae, arrays_to_tensor(pixels[i:i + 32]))
+        z.append((mean + std * torch.randn(mean.shape, generator=g).to(mean.device)).float().cpu())
     return float(1.0 / torch.cat(z).std())
 
 
@@ -109,13 +108,7 @@ def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = 
     """Train per `cfg.vae` on `cfg.data`; returns RUN_DIR/vae."""
     v = cfg.vae
     run_dir = Path(cfg.run_dir)
-    if not resume and checkpoint_dirs(run_dir):
-        if not overwrite:
-            raise UserError(f"{run_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
-                            "--overwrite to start again (its checkpoints, metrics and VAE are deleted)")
-        for stale in ("checkpoints", "vae", "metrics.jsonl", "samples"):
-            path = run_dir / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    clear_earlier_run(run_dir, resume, overwrite, ("checkpoints", "vae", "metrics.jsonl", "samples"))
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if v.num_threads:
@@ -165,7 +158,7 @@ def train_vae(cfg: Config, resume: bool = False, logger: MetricsLogger | None = 
         finally:
             ema.restore(vae.parameters())
             vae.train()
-        originals = torch.from_numpy(np.ascontiguousarray(eval_pixels[:GRID_IMAGES])).permute(0, 3, 1, 2)
+        originals = channels_first(eval_pixels[:GRID_IMAGES])
         out = run_dir / "samples" / f"step-{step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid(torch.cat([originals, recon]), cols=len(originals)).save(out)
